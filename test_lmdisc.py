@@ -284,10 +284,11 @@ def test_finetune_loss_is_ce_plus_weighted_estimator():
     y = torch.randint(0, 6, (3, 2), generator=g)
     log_q0, s = random_log_probs(3, 2, 6, generator=g), torch.randn(3, 2, 6, dtype=torch.float64, generator=g)
     ce = -torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).mean()
-    loss0, ce0, _ = L.finetune_loss(logits, y, torch.log_softmax(logits, -1), log_q0, s, 0.0)
+    log_q = torch.log_softmax(logits, -1)
+    loss0, ce0, _ = L.finetune_loss(log_q, y, log_q, log_q0, s, 0.0)
     torch.testing.assert_close(loss0, ce)
     torch.testing.assert_close(ce0, ce)
-    loss, _, kl = L.finetune_loss(logits, y, torch.log_softmax(logits, -1), log_q0, s, 0.7)
+    loss, _, kl = L.finetune_loss(log_q, y, log_q, log_q0, s, 0.7)
     expected_kl = L.reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean()
     torch.testing.assert_close(kl, expected_kl)
     torch.testing.assert_close(loss, ce + 0.7 * expected_kl)
@@ -297,16 +298,16 @@ def test_kl_term_moves_q_toward_p():
     g = torch.Generator().manual_seed(9)
     log_p, log_q0 = random_log_probs(4, 8, generator=g), random_log_probs(4, 8, generator=g)
     z = log_q0.clone().requires_grad_(True)                  # q starts at q0
-    opt = torch.optim.SGD([z], lr=0.5)
+    opt = torch.optim.SGD([z], lr=2.0)
     kl_true = lambda: (torch.log_softmax(z, -1).exp() * (torch.log_softmax(z, -1) - log_p)).sum(-1)
     before = kl_true().detach()
-    for _ in range(20):
+    for _ in range(50):
         loss = L.reverse_kl(torch.log_softmax(z, -1), log_q0, log_p - log_q0).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = kl_true().detach()
-    assert (after < 0.7 * before).all()
+    assert (after < 0.5 * before).all()
 
 
 # ------------------------------------------------------------------------------------------- checkpoints ---------
@@ -359,7 +360,7 @@ def tiny_pipeline_config(data: Path, **finetune) -> L.PipelineConfig:
         disc_loop=L.LoopConfig(epochs=1, lr=1e-2, eval_every=40, **loop),
         finetune=L.FinetuneConfig(**finetune), finetune_loop=L.LoopConfig(epochs=1, lr=0.0, max_tokens=4000,
                                                                           eval_every=10, **loop),
-        lrs=[1e-3], seed=0)
+        lrs=[1.0], seed=0)
 
 
 @pytest.fixture(scope="module")
