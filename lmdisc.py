@@ -662,8 +662,10 @@ def train_loop(phase: str, objective, optimizer: torch.optim.Optimizer, train_da
                         f"ETA {fmt_time((total - state.step) / rate)}")
                     sums, n, t_log = {}, 0, time.time()
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and not last_batch:
+                    t_eval = time.time()
                     evaluate(f"epoch {state.epoch} step {b + 1}/{len(starts)}")
                     save("last", state)
+                    t_log += time.time() - t_eval      # ms/batch and tok/s count training steps only
             state.epoch, state.batch = state.epoch + 1, 0
             evaluate(f"end of epoch {state.epoch - 1}")
             save("last", state)

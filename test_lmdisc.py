@@ -429,3 +429,15 @@ def test_cpu_training_is_deterministic(tmp_path):
     assert a["valid_ppl"] == b["valid_ppl"] and a["test_ppl"] == b["test_ppl"]
     assert L.load_checkpoint(tmp_path / "a.pt", "lm")["fingerprint"] == \
         L.load_checkpoint(tmp_path / "b.pt", "lm")["fingerprint"]
+
+
+def test_resume_continues_where_training_stopped(tmp_path):
+    L.make_synthetic(tmp_path / "data", n_words=30, tokens=(5_000, 1_000, 1_000), seed=3, log=quiet)
+    pc = tiny_pipeline_config(tmp_path / "data")
+    one = dataclasses.replace(pc.train_loop, epochs=1)
+    first = L.run_train(pc.data, pc.model, one, tmp_path / "lm.pt", torch.device("cpu"), 0, False, log=quiet)
+    lines = []
+    second = L.run_train(pc.data, pc.model, dataclasses.replace(one, epochs=2), tmp_path / "lm.pt",
+                         torch.device("cpu"), 0, True, log=lines.append)
+    assert any("resumed" in line and "epoch 2" in line for line in lines)
+    assert second["steps"] == 2 * first["steps"]
