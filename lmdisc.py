@@ -1160,7 +1160,8 @@ FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 
 
 def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
-    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf)."""
+    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf).
+    Labels read "a-b" for [a, b): "1-10" holds the words seen 1 to 9 times."""
     bucket = torch.bucketize(counts, torch.tensor(edges), right=True)
     short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
     labels = ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
