@@ -15,6 +15,8 @@ frozen base model q0. Three phases, one subcommand each:
     python lmdisc.py train-disc --lm runs/small/lm.pt # phase 2: discriminator vs. frozen q0     -> runs/small/disc.pt
     python lmdisc.py finetune --lm runs/small/lm.pt --disc runs/small/disc.pt --lr 1.0
                                                       # phase 3: CE + reverse KL(q || p_hat)      -> runs/small/ft-kl.pt
+                                                      # and the CE-only control -> ft-ce.pt (SGD by default; with
+                                                      # --optimizer adam, learning rates like 1e-4)
     python lmdisc.py analyze --lm runs/small/lm.pt --control runs/small/ft-ce.pt --finetuned runs/small/ft-kl.pt
                                                       # rare words: log-prob change per frequency bucket
     python lmdisc.py pipeline --preset tiny           # all of the above, plus the CE-only control, resumable
