@@ -1441,14 +1441,23 @@ def add_finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", dest="ft_lr", help=preset_help("finetune", "lr", "learning rate, or several separated by "
                                                                            "commas: each is tried in both arms and the "
                                                                            "best on validation kept"))
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="sgd",
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default=FinetuneConfig.optimizer,
                    help="fine-tuning optimizer; on `small` Adam at 1e-4 and 3e-4 never improved either arm, SGD at "
-                        "1.0 did (default: sgd)")
+                        f"1.0 did (default: {FinetuneConfig.optimizer})")
     p.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(q || p_hat) next to CE; the paper sums "
                                                                "them (default: 1)")
-    p.add_argument("--kl-input", choices=KL_INPUTS, default="eval",
+    p.add_argument("--kl-input", choices=KL_INPUTS, default=FinetuneConfig.kl_input,
                    help="what the KL term reads: eval = a second, dropout-free pass; dropout = the CE pass with "
-                        "dropout (the trap); nodrop = dropout off for the whole fine-tune (default: eval)")
+                        f"dropout (the trap); nodrop = dropout off for the whole fine-tune (default: "
+                        f"{FinetuneConfig.kl_input})")
+
+
+def finetune_config(args) -> FinetuneConfig:
+    return FinetuneConfig(args.kl_weight, args.kl_input, args.optimizer)
+
+
+def disc_train_config(args) -> DiscTrainConfig:
+    return DiscTrainConfig(args.disc_split, args.negatives, args.samples)
 
 
 def model_config(args) -> dict:
@@ -1539,9 +1548,9 @@ def pipeline_config(args) -> PipelineConfig:
     return PipelineConfig(
         data=DataConfig(args.data, args.holdout), model=model_config(args),
         train_loop=loop_config(args, "train", from_preset(args, "train", "lr", "train_")),
-        disc=disc_config(args), disc_train=DiscTrainConfig(args.disc_split, args.negatives, args.samples),
+        disc=disc_config(args), disc_train=disc_train_config(args),
         disc_loop=loop_config(args, "disc", from_preset(args, "disc", "lr", "disc_"), prefix="disc_"),
-        finetune=FinetuneConfig(args.kl_weight, args.kl_input, args.optimizer),
+        finetune=finetune_config(args),
         finetune_loop=loop_config(args, "finetune", 0.0, prefix="ft_"),
         lrs=parse_lrs(from_preset(args, "finetune", "lr", "ft_")), seed=args.seed)
 
@@ -1562,7 +1571,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.out or DEFAULT_RUNS / args.preset / "lm.pt", device, args.seed, args.resume)
         elif args.command == "train-disc":
             run_train_disc(DataConfig(args.data), args.lm, disc_config(args),
-                           DiscTrainConfig(args.disc_split, args.negatives, args.samples),
+                           disc_train_config(args),
                            loop_config(args, "disc", from_preset(args, "disc", "lr", "disc_")),
                            args.out or args.lm.parent / "disc.pt", device, args.seed)
         elif args.command == "finetune":
@@ -1570,7 +1579,7 @@ def main(argv: list[str] | None = None) -> int:
             if not arms or not set(arms) <= {"ce", "kl"}:
                 raise LmdiscError(f"--arms takes ce, kl or ce,kl; got {args.arms!r}")
             run_finetune(DataConfig(args.data), args.lm, args.disc,
-                         FinetuneConfig(args.kl_weight, args.kl_input, args.optimizer),
+                         finetune_config(args),
                          loop_config(args, "finetune", 0.0), parse_lrs(from_preset(args, "finetune", "lr", "ft_")),
                          arms, args.out or args.lm.parent, device, args.seed)
         elif args.command == "analyze":
