@@ -379,23 +379,36 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 @dataclass
 class DiscConfig:
     vocab_size: int
-    arch: str = "lstm"        # "lstm": s = head(LSTM(c)) + b_w;  "unigram": s = b_w, the same for every context
+    arch: str = "lstm"        # "lstm": s = head(LSTM(c)) + b_w;  "unigram": s = b_w, the same for every context;
+                              # "temperature": s = a(c) log q0(w|c) + s0(c) + b_w, a and s0 read off q0 (below)
     emsize: int = 200
     nhid: int = 200
     nlayers: int = 1
     dropout: float = 0.5
 
 
-class Discriminator(nn.Module):
-    """s(c, w) = head(h_c)_w + b_w, where h_c is the state of the discriminator's own LSTM after reading c.
+ARCHS = ("lstm", "unigram", "temperature")
 
-    The per-word bias b_w alone (arch "unigram") is the smallest useful discriminator: one log-ratio per word,
-    log p(w)/q0(w) averaged over contexts. It cannot memorise contexts, and it measures exactly the claim of the
-    paper that CE under-weights rare words. The LSTM arch adds a context-dependent part. Both start at s = 0
-    (head and bias zero-initialised), which is chance level: D = 1/2 everywhere, p_hat = q0."""
+
+class Discriminator(nn.Module):
+    """s(c, w) for every word w at once; three architectures, all zero-initialised so that training starts at
+    s = 0, which is chance level: D = 1/2 everywhere, p_hat = q0.
+
+    lstm         s = head(h_c)_w + b_w, h_c the state of the discriminator's own LSTM after reading c. The paper's
+                 kind: it can learn any ratio, and with a V x nhid head it can also memorise the text it learns on.
+    unigram      s = b_w: one log-ratio per word, log p(w)/q0(w) averaged over contexts. It cannot memorise
+                 contexts, and it measures exactly the paper's claim that CE under-weights rare words.
+    temperature  s = a(c) log q0(w|c) + s0(c) + b_w, so p_hat is proportional to q0^(1 + a(c)) exp(b_w).
+                 Aimed at what an LM typically gets wrong on new text rather than at the text itself: its
+                 confidence (a < 0 flattens q0 where it is over-confident, a > 0 sharpens it) and its
+                 frequency bias (b_w). a(c) and the normaliser s0(c) are a linear function of two features of q0's
+                 own prediction, its entropy H(c) and its top log-probability, so the context-dependent part has
+                 6 parameters: nothing to memorise a corpus with."""
 
     def __init__(self, cfg: DiscConfig):
         super().__init__()
+        if cfg.arch not in ARCHS:
+            raise LmdiscError(f"unknown discriminator arch {cfg.arch!r} (choose one of {', '.join(ARCHS)})")
         self.cfg = cfg
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         if cfg.arch == "lstm":
@@ -405,19 +418,28 @@ class Discriminator(nn.Module):
             self.head = nn.Linear(cfg.nhid, cfg.vocab_size, bias=False)
             nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
             nn.init.zeros_(self.head.weight)
-        elif cfg.arch != "unigram":
-            raise LmdiscError(f"unknown discriminator arch {cfg.arch!r} (choose lstm or unigram)")
+        elif cfg.arch == "temperature":
+            self.gate = nn.Linear(2, 2)                  # [H(c), max log q0] -> [a(c), s0(c)]
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def init_hidden(self, bsz: int) -> tuple[torch.Tensor, ...]:
-        if self.cfg.arch == "unigram":
+        if self.cfg.arch != "lstm":
             return ()
         shape = (self.cfg.nlayers, bsz, self.cfg.nhid)
         return self.bias.new_zeros(shape), self.bias.new_zeros(shape)
 
-    def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...]):
-        """x: (seq_len, batch) word ids -> s: (seq_len, batch, vocab) logits, the new hidden state."""
+    def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...], log_q0: torch.Tensor):
+        """x: (seq_len, batch) word ids, log_q0: (seq_len, batch, vocab) the frozen base model's log-probabilities
+        -> s: (seq_len, batch, vocab) logits, the new hidden state. Only "temperature" reads log_q0."""
         if self.cfg.arch == "unigram":
             return self.bias.expand(*x.shape, -1), hidden
+        if self.cfg.arch == "temperature":
+            # features of q0's own prediction: entropy H(c) = -sum_w q0 log q0 and confidence max_w log q0
+            features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
+            a, s0 = self.gate(features).unbind(-1)
+            # s = a(c) log q0(w|c) + s0(c) + b_w
+            return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.bias, hidden
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
         return self.head(self.drop(out)) + self.bias, hidden
 
@@ -765,7 +787,10 @@ def run_train(dcfg: DataConfig, mcfg: dict, lcfg: LoopConfig, save_path: Path, d
     """Phase 1: train the base LM q0 with cross-entropy and SGD; keep the checkpoint of best validation ppl."""
     seed_everything(seed)
     corpus = prepare_corpus(dcfg, log)
-    lm_train, _ = split_holdout(corpus.train, dcfg.holdout)
+    lm_train, held_out = split_holdout(corpus.train, dcfg.holdout)
+    if held_out.numel():
+        log(f"train | the LM learns on the first {lm_train.numel():,} training tokens; the last {held_out.numel():,} "
+            f"(--holdout {dcfg.holdout:g}) are kept for `train-disc --disc-split holdout`")
     train_data = batchify(lm_train, lcfg.batch_size).to(device)
     valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
     model = LSTMLM(LMConfig(vocab_size=len(corpus.vocab), **mcfg)).to(device)
@@ -915,8 +940,11 @@ def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int
         sums[key] = sums.get(key, 0.0) + float(tensor_per_position.double().sum())
 
     n = 0
-    for x, y, (logits, s) in stream_outputs([lm, disc], source, bptt):
+    disc.eval()
+    h_disc = disc.init_hidden(source.size(1))
+    for x, y, (logits,) in stream_outputs([lm], source, bptt):
         log_q0 = torch.log_softmax(logits, -1)
+        s, h_disc = disc(x, h_disc, log_q0)
         n += y.numel()
         add("L_D", discriminator_loss(s, y, log_q0) * y.numel())
         real, fake = discriminator_accuracy(s, y, log_q0)
@@ -944,6 +972,15 @@ def disc_line(m: dict) -> str:
     if "kl_q0_p_true" in m:
         line += f" | true KL(q0||p) {m['kl_q0_p_true']:.4f} | MSE(s) {m['s_mse']:.4f}"
     return line
+
+
+def temperature_gate(state: dict[str, torch.Tensor]) -> dict:
+    """The six numbers of a temperature discriminator, readable: a(c) = a0 + a_H H(c) + a_m max_w log q0(w|c)."""
+    (a_h, a_m), _ = state["gate.weight"].tolist()
+    a0 = state["gate.bias"][0].item()
+    text = (f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
+            f"; word factors exp(b_w) range {state['bias'].exp().min():.3f}..{state['bias'].exp().max():.3f}")
+    return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "text": text}
 
 
 @dataclass
@@ -982,7 +1019,7 @@ def run_train_disc(dcfg: DataConfig, lm_path: Path, disc_cfg: dict, tcfg: DiscTr
                 logits, self.h_lm = lm(x, self.h_lm)
                 log_q0 = torch.log_softmax(logits, -1)
             disc.train()
-            s, self.h_disc = disc(x, detach_hidden(self.h_disc))
+            s, self.h_disc = disc(x, detach_hidden(self.h_disc), log_q0)
             loss = discriminator_loss(s, y, log_q0, tcfg.negatives, tcfg.samples)
             return loss, {"L_D": loss}
 
@@ -1006,6 +1043,9 @@ def run_train_disc(dcfg: DataConfig, lm_path: Path, disc_cfg: dict, tcfg: DiscTr
         raise LmdiscError("train-disc stopped before its first validation; nothing was saved")
     result = evaluate_checkpoint(lm_path, dcfg.data, device, lcfg.bptt, disc_path=save_path, log=log)
     result.update(status=status, wall_s=round(wall, 1), **dataclasses.asdict(tcfg), disc_config=disc_cfg)
+    if disc.cfg.arch == "temperature":
+        result["temperature_gate"] = temperature_gate(load_checkpoint(save_path, "disc")["model"])
+        log(f"train-disc | learned: {result['temperature_gate']['text']}")
     write_json(save_path.with_suffix(".json"), result)
     return result
 
@@ -1070,8 +1110,8 @@ def finetune_arm(corpus: Corpus, lm_ck: dict, q0: LSTMLM, disc: Discriminator, f
                 return loss, {"ce": ce}
             with torch.no_grad():            # frozen q0 and s: no graph, no dropout
                 logits0, self.h0 = q0(x, self.h0)
-                s, self.h_disc = disc(x, self.h_disc)
                 log_q0 = torch.log_softmax(logits0, -1)
+                s, self.h_disc = disc(x, self.h_disc, log_q0)
             if fcfg.kl_input == "eval":      # a second, dropout-free pass of the same weights for the KL term
                 q.eval()
                 logits_kl, self.h_eval = q(x, detach_hidden(self.h_eval))
@@ -1419,9 +1459,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_disc_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """Discriminator flags; `pipeline` prefixes them with disc- (its --lr and --epochs belong to phase 3)."""
     d = "disc-" if prefix else ""
-    p.add_argument(f"--{d}arch", dest="disc_arch", choices=["lstm", "unigram"],
+    p.add_argument(f"--{d}arch", dest="disc_arch", choices=ARCHS,
                    help=preset_help("disc", "arch", "lstm: its own LSTM reads the context; unigram: one log-ratio per "
-                                                    "word, the same in every context"))
+                                                    "word, the same in every context; temperature: reshapes q0 as "
+                                                    "q0^(1+a(c)) exp(b_w), a(c) read off q0's entropy and confidence"))
     for key, text in [("emsize", "discriminator embedding size"), ("nhid", "discriminator LSTM units"),
                       ("nlayers", "discriminator LSTM layers"), ("dropout", "discriminator dropout")]:
         p.add_argument(f"--{d}{key}", dest=f"disc_{key}", type=type(PRESETS["small"]["disc"][key]),

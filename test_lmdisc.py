@@ -266,6 +266,55 @@ def test_tabular_discriminator_recovers_true_reverse_kl():
     assert ((est - true_kl).abs() / true_kl).max() < 0.15    # stated tolerance: 15% relative per context
 
 
+def test_temperature_discriminator_is_q0_to_a_power_times_word_factors():
+    """arch temperature: p_hat = q0^(1 + a(c)) exp(b_w) / Z with a(c) linear in q0's entropy and top log-prob,
+    checked against a float64 computation written out by hand; zero-initialised it is chance (s = 0)."""
+    g = torch.Generator().manual_seed(10)
+    V = 7
+    disc = L.Discriminator(L.DiscConfig(vocab_size=V, arch="temperature")).double()
+    x, log_q0 = torch.zeros(3, 2, dtype=torch.long), random_log_probs(3, 2, V, generator=g)
+    assert disc(x, (), log_q0)[0].abs().max() == 0
+    w_a, w_h, w_m, c_a, b = 0.2, -0.1, 0.05, 0.3, torch.randn(V, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        disc.gate.weight.copy_(torch.tensor([[w_h, w_m], [0.0, 0.0]]))
+        disc.gate.bias.copy_(torch.tensor([w_a, c_a]))
+        disc.bias.copy_(b)
+    s, _ = disc(x, (), log_q0)
+    q0 = log_q0.exp()
+    entropy = -(q0 * log_q0).sum(-1, keepdim=True)
+    a = w_a + w_h * entropy + w_m * log_q0.max(-1, keepdim=True).values
+    unnormalised = q0 ** (1 + a) * b.exp()
+    torch.testing.assert_close(L.log_p_hat(log_q0, s), (unnormalised / unnormalised.sum(-1, keepdim=True)).log())
+    torch.testing.assert_close(s - (a * log_q0 + b), torch.full_like(s, c_a))     # s0 = 0.3: a constant shift
+
+
+def test_temperature_discriminator_learns_that_q0_is_overconfident():
+    """Data p = q0^0.7 (normalised): q0 is too sharp everywhere. Minimising the exact expected L_D over the
+    temperature discriminator's parameters must find a = -0.3 and bring KL(q0 || p_hat) to the true KL."""
+    g = torch.Generator().manual_seed(11)
+    V = 30
+    log_q0 = random_log_probs(256, V, generator=g)
+    log_p = torch.log_softmax(0.7 * log_q0, -1)
+    disc = L.Discriminator(L.DiscConfig(vocab_size=V, arch="temperature")).double()
+    opt = torch.optim.Adam(disc.parameters(), lr=0.05)
+    x = torch.zeros(256, dtype=torch.long)
+    for _ in range(400):
+        s, _ = disc(x, (), log_q0)
+        # E_{w ~ p}[-log sigmoid(s)] + E_{w ~ q0}[-log sigmoid(-s)]: the loss with infinitely many real samples
+        loss = (-(log_p.exp() * F.logsigmoid(s)).sum(-1) - (log_q0.exp() * F.logsigmoid(-s)).sum(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        s, _ = disc(x, (), log_q0)
+        s_minus_b = s - disc.bias                             # a(c) log q0(w|c) + s0(c)
+    a = (s_minus_b[:, 1] - s_minus_b[:, 0]) / (log_q0[:, 1] - log_q0[:, 0])
+    true_kl = (log_q0.exp() * (log_q0 - log_p)).sum(-1).mean()
+    est_kl = L.reverse_kl(log_q0, log_q0, s).mean()
+    assert ((a + 0.3).abs() < 0.02).all()                    # found: a = -0.30 +- 0.005 in every context
+    assert est_kl == pytest.approx(float(true_kl), rel=0.05)  # found: 0.0865 vs 0.0865
+
+
 def test_reverse_kl_gradient_matches_formula():
     g = torch.Generator().manual_seed(7)
     z = torch.randn(4, 9, dtype=torch.float64, generator=g, requires_grad=True)
