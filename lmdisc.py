@@ -250,6 +250,20 @@ def true_log_p_table(data_dir: Path, vocab: list[str]) -> torch.Tensor | None:
     return truth["table"][order][:, order].log().float()
 
 
+# Words grouped by how often they occur in the training text: the rare-word analysis reads its table off these
+# classes, and the discriminator's word_bias "bucket" gives each class one shared log-ratio.
+FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
+
+
+def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
+    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf).
+    Labels read "a-b" for [a, b): "1-10" holds the words seen 1 to 9 times."""
+    bucket = torch.bucketize(counts, torch.tensor(edges), right=True)
+    short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
+    labels = ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
+    return bucket, labels
+
+
 def vocab_hash(vocab: list[str]) -> str:
     """A short fingerprint of the id -> word map, stored in every checkpoint so that mixed vocabularies are caught."""
     return hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
@@ -385,9 +399,11 @@ class DiscConfig:
     nhid: int = 200
     nlayers: int = 1
     dropout: float = 0.5
+    word_bias: str = "word"   # "word": one b_w per word; "bucket": one b per training-count class (BIAS_EDGES)
 
 
 ARCHS = ("lstm", "unigram", "temperature")
+BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)    # --disc-bias bucket: 11 classes of words
 
 
 class Discriminator(nn.Module):
@@ -403,14 +419,29 @@ class Discriminator(nn.Module):
                  confidence (a < 0 flattens q0 where it is over-confident, a > 0 sharpens it) and its
                  frequency bias (b_w). a(c) and the normaliser s0(c) are a linear function of two features of q0's
                  own prediction, its entropy H(c) and its top log-probability, so the context-dependent part has
-                 6 parameters: nothing to memorise a corpus with."""
+                 6 parameters: nothing to memorise a corpus with.
 
-    def __init__(self, cfg: DiscConfig):
+    The word term b_w is one free number per word (word_bias "word"), or one per class of words of similar
+    training count (word_bias "bucket", 11 numbers). Adam moves every parameter at about the same speed, so a rare
+    word's own b_w, seen a handful of times, is fitted to those few occurrences; a class of rare words shares one b,
+    which can still say "CE under-weights rare words" but cannot memorise which ones happened to occur."""
+
+    def __init__(self, cfg: DiscConfig, counts: torch.Tensor | None = None):
+        """counts: each word's count in the text the discriminator learns on; needed for word_bias "bucket" (a loaded
+        checkpoint brings its own word classes)."""
         super().__init__()
         if cfg.arch not in ARCHS:
             raise LmdiscError(f"unknown discriminator arch {cfg.arch!r} (choose one of {', '.join(ARCHS)})")
         self.cfg = cfg
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.word_bias == "word":
+            self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        elif cfg.word_bias == "bucket":
+            word_class = torch.zeros(cfg.vocab_size, dtype=torch.long) if counts is None else \
+                frequency_buckets(counts, BIAS_EDGES)[0]
+            self.register_buffer("word_class", word_class)
+            self.bias = nn.Parameter(torch.zeros(len(BIAS_EDGES) + 1))
+        else:
+            raise LmdiscError(f"unknown discriminator word bias {cfg.word_bias!r} (choose word or bucket)")
         if cfg.arch == "lstm":
             self.drop = nn.Dropout(cfg.dropout)
             self.encoder = nn.Embedding(cfg.vocab_size, cfg.emsize)
@@ -432,16 +463,17 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...], log_q0: torch.Tensor):
         """x: (seq_len, batch) word ids, log_q0: (seq_len, batch, vocab) the frozen base model's log-probabilities
         -> s: (seq_len, batch, vocab) logits, the new hidden state. Only "temperature" reads log_q0."""
+        b = self.bias if self.cfg.word_bias == "word" else self.bias[self.word_class]      # b_w for every word w
         if self.cfg.arch == "unigram":
-            return self.bias.expand(*x.shape, -1), hidden
+            return b.expand(*x.shape, -1), hidden
         if self.cfg.arch == "temperature":
             # features of q0's own prediction: entropy H(c) = -sum_w q0 log q0 and confidence max_w log q0
             features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
             a, s0 = self.gate(features).unbind(-1)
             # s = a(c) log q0(w|c) + s0(c) + b_w
-            return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.bias, hidden
+            return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + b, hidden
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
-        return self.head(self.drop(out)) + self.bias, hidden
+        return self.head(self.drop(out)) + b, hidden
 
 
 # =====================================================================================================================
@@ -1004,7 +1036,8 @@ def run_train_disc(dcfg: DataConfig, lm_path: Path, disc_cfg: dict, tcfg: DiscTr
     train_data = batchify(source, lcfg.batch_size).to(device)
     valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
     truth = true_log_p_table(dcfg.data, corpus.vocab)
-    disc = Discriminator(DiscConfig(vocab_size=len(corpus.vocab), **disc_cfg)).to(device)
+    counts = torch.bincount(source, minlength=len(corpus.vocab))
+    disc = Discriminator(DiscConfig(vocab_size=len(corpus.vocab), **disc_cfg), counts).to(device)
     optimizer = torch.optim.Adam(disc.parameters(), lr=lcfg.lr)
     n_params = sum(p.numel() for p in disc.parameters())
     log(f"train-disc | {disc.cfg} | {n_params:,} parameters | learns on {tcfg.split} ({source.numel():,} tokens) | "
@@ -1199,19 +1232,7 @@ def run_finetune(dcfg: DataConfig, lm_path: Path, disc_path: Path, fcfg: Finetun
 # ---------------------------------------------------------------------------------------------------- analyze -----
 # The paper's second claim: CE under-weights rare words and the reverse-KL fine-tune gives them probability back.
 # Group the test tokens by how often their word occurs in the training text and compare the mean log-probability
-# each model assigns to them.
-
-FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
-
-
-def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
-    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf).
-    Labels read "a-b" for [a, b): "1-10" holds the words seen 1 to 9 times."""
-    bucket = torch.bucketize(counts, torch.tensor(edges), right=True)
-    short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
-    labels = ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
-    return bucket, labels
-
+# each model assigns to them (frequency_buckets, in section 1, defines the groups).
 
 def rank_deciles(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """Decile of each word type by frequency rank: 0 = the 10% most frequent types, 9 = the 10% rarest."""
@@ -1360,8 +1381,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
         "train": dict(epochs=1, lr=20.0, clip=0.25, decay_start=0, max_tokens=200_000, eval_every=0, patience=0,
                       log_interval=50),
-        "disc": dict(arch="lstm", emsize=64, nhid=64, nlayers=1, dropout=0.5, epochs=1, lr=3e-3, clip=1.0,
-                     decay_start=0, max_tokens=100_000, eval_every=50, patience=2, log_interval=50),
+        "disc": dict(arch="lstm", word_bias="word", emsize=64, nhid=64, nlayers=1, dropout=0.5, epochs=1, lr=3e-3,
+                     clip=1.0, decay_start=0, max_tokens=100_000, eval_every=50, patience=2, log_interval=50),
         "finetune": dict(epochs=1, lr="1.0", clip=0.25, decay_start=0, max_tokens=50_000, eval_every=25,
                          patience=2, log_interval=25),
     },
@@ -1369,8 +1390,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
         "train": dict(epochs=14, lr=20.0, clip=0.25, decay_start=11, max_tokens=0, eval_every=0, patience=0,
                       log_interval=200),
-        "disc": dict(arch="lstm", emsize=200, nhid=200, nlayers=1, dropout=0.5, epochs=1, lr=1e-3, clip=1.0,
-                     decay_start=0, max_tokens=0, eval_every=300, patience=3, log_interval=100),
+        "disc": dict(arch="lstm", word_bias="word", emsize=200, nhid=200, nlayers=1, dropout=0.5, epochs=1, lr=1e-3,
+                     clip=1.0, decay_start=0, max_tokens=0, eval_every=300, patience=3, log_interval=100),
         "finetune": dict(epochs=1, lr="1.0", clip=0.25, decay_start=0, max_tokens=465_000, eval_every=100,
                          patience=3, log_interval=50),
     },
@@ -1378,8 +1399,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": dict(emsize=650, nhid=650, nlayers=2, dropout=0.5),
         "train": dict(epochs=39, lr=20.0, clip=0.25, decay_start=0, max_tokens=0, eval_every=0, patience=0,
                       log_interval=200),
-        "disc": dict(arch="lstm", emsize=650, nhid=650, nlayers=1, dropout=0.5, epochs=1, lr=1e-3, clip=1.0,
-                     decay_start=0, max_tokens=0, eval_every=300, patience=3, log_interval=100),
+        "disc": dict(arch="lstm", word_bias="word", emsize=650, nhid=650, nlayers=1, dropout=0.5, epochs=1, lr=1e-3,
+                     clip=1.0, decay_start=0, max_tokens=0, eval_every=300, patience=3, log_interval=100),
         "finetune": dict(epochs=1, lr="1.0", clip=0.25, decay_start=0, max_tokens=465_000, eval_every=100,
                          patience=3, log_interval=50),
     },
@@ -1466,6 +1487,10 @@ def add_disc_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help=preset_help("disc", "arch", "lstm: its own LSTM reads the context; unigram: one log-ratio per "
                                                     "word, the same in every context; temperature: reshapes q0 as "
                                                     "q0^(1+a(c)) exp(b_w), a(c) read off q0's entropy and confidence"))
+    p.add_argument(f"--{d}word-bias", dest="disc_word_bias", choices=["word", "bucket"],
+                   help=preset_help("disc", "word_bias", "the per-word term b_w of every arch: word = one number per "
+                                                         "word; bucket = one per class of words of similar training "
+                                                         "count (11 classes), which cannot memorise single words"))
     for key, text in [("emsize", "discriminator embedding size"), ("nhid", "discriminator LSTM units"),
                       ("nlayers", "discriminator LSTM layers"), ("dropout", "discriminator dropout")]:
         p.add_argument(f"--{d}{key}", dest=f"disc_{key}", type=type(PRESETS["small"]["disc"][key]),
@@ -1510,7 +1535,8 @@ def model_config(args) -> dict:
 
 
 def disc_config(args) -> dict:
-    return {k: from_preset(args, "disc", k, "disc_") for k in ("arch", "emsize", "nhid", "nlayers", "dropout")}
+    keys = ("arch", "word_bias", "emsize", "nhid", "nlayers", "dropout")
+    return {k: from_preset(args, "disc", k, "disc_") for k in keys}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -315,6 +315,22 @@ def test_temperature_discriminator_learns_that_q0_is_overconfident():
     assert est_kl == pytest.approx(float(true_kl), rel=0.05)  # found: 0.0865 vs 0.0865
 
 
+def test_bucket_word_bias_is_shared_by_words_of_similar_count(tmp_path):
+    """word_bias bucket: one b per class of training counts, kept in the checkpoint (a weights-only load rebuilds
+    the classes); two words with counts in the same class always get the same s from a unigram discriminator."""
+    counts = torch.tensor([0, 1, 2, 5, 9, 40, 2000, 50000])
+    cfg = L.DiscConfig(vocab_size=8, arch="unigram", word_bias="bucket")
+    disc = L.Discriminator(cfg, counts)
+    assert disc.word_class.tolist() == [0, 1, 1, 2, 2, 4, 7, 10]       # BIAS_EDGES 1, 3, 10, 30, ..., 30k
+    with torch.no_grad():
+        disc.bias.copy_(torch.arange(11.0))
+    L.save_checkpoint(tmp_path / "d.pt", {"kind": "disc", "model": disc.state_dict()})
+    loaded = L.Discriminator(cfg)                                      # no counts: the checkpoint brings them
+    loaded.load_state_dict(L.load_checkpoint(tmp_path / "d.pt", "disc")["model"])
+    s, _ = loaded(torch.zeros(1, 1, dtype=torch.long), (), torch.zeros(1, 1, 8))
+    assert s[0, 0].tolist() == [0, 1, 1, 2, 2, 4, 7, 10]
+
+
 def test_reverse_kl_gradient_matches_formula():
     g = torch.Generator().manual_seed(7)
     z = torch.randn(4, 9, dtype=torch.float64, generator=g, requires_grad=True)
