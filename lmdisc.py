@@ -1036,7 +1036,10 @@ def run_train_disc(dcfg: DataConfig, lm_path: Path, disc_cfg: dict, tcfg: DiscTr
     train_data = batchify(source, lcfg.batch_size).to(device)
     valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
     truth = true_log_p_table(dcfg.data, corpus.vocab)
-    counts = torch.bincount(source, minlength=len(corpus.vocab))
+    # Word classes for word_bias "bucket" come from the LM's training text, never from the text the discriminator
+    # learns on: counted there, "seen 0 times" would mean "never a real word in this very text", and the
+    # discriminator would learn that leak (every such word fake) instead of anything about new text.
+    counts = torch.bincount(lm_part, minlength=len(corpus.vocab))
     disc = Discriminator(DiscConfig(vocab_size=len(corpus.vocab), **disc_cfg), counts).to(device)
     optimizer = torch.optim.Adam(disc.parameters(), lr=lcfg.lr)
     n_params = sum(p.numel() for p in disc.parameters())
