@@ -1010,9 +1010,14 @@ def temperature_gate(state: dict[str, torch.Tensor]) -> dict:
     """The six numbers of a temperature discriminator, readable: a(c) = a0 + a_H H(c) + a_m max_w log q0(w|c)."""
     (a_h, a_m), _ = state["gate.weight"].tolist()
     a0 = state["gate.bias"][0].item()
-    text = (f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
-            f"; word factors exp(b_w) range {state['bias'].exp().min():.3f}..{state['bias'].exp().max():.3f}")
-    return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "text": text}
+    factors = state["bias"].exp()
+    text = f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
+    if "word_class" in state:       # one factor exp(b) per class of training counts: print them all
+        labels = frequency_buckets(torch.zeros(1), BIAS_EDGES)[1]
+        text += "; exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in zip(labels, factors.tolist()))
+    else:
+        text += f"; word factors exp(b_w) range {factors.min():.3f}..{factors.max():.3f}"
+    return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "word_factors": factors.tolist(), "text": text}
 
 
 @dataclass
