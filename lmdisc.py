@@ -24,6 +24,12 @@ frozen base model q0. Three phases, one subcommand each:
     python lmdisc.py generate --checkpoint runs/small/lm.pt --words 30 --prompt "the company"
     python lmdisc.py make-synthetic --out synthetic   # a corpus whose true p(w|c) is known
 
+The variant that measured best on `small` (README): the discriminator learns on 10% of the training text held out
+from phase 1, with the 17-parameter "temperature" design:
+
+    python lmdisc.py pipeline --preset small --holdout 0.1 --disc-split holdout --disc-arch temperature \
+        --disc-word-bias bucket --disc-lr 1e-2 --disc-epochs 6 --disc-patience 2 --out runs/small-holdout
+
 Every subcommand has `--help`. The file reads top to bottom like the paper: data -> language model ->
 discriminator -> the reverse-KL estimator -> one shared training loop -> the three phases -> command line.
 """
