@@ -409,7 +409,7 @@ class DiscConfig:
 
 
 ARCHS = ("lstm", "unigram", "temperature")
-BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)    # --disc-bias bucket: 11 classes of words
+BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)    # --word-bias bucket: 11 classes of words
 
 
 class Discriminator(nn.Module):
@@ -433,8 +433,8 @@ class Discriminator(nn.Module):
     which can still say "CE under-weights rare words" but cannot memorise which ones happened to occur."""
 
     def __init__(self, cfg: DiscConfig, counts: torch.Tensor | None = None):
-        """counts: each word's count in the text the discriminator learns on; needed for word_bias "bucket" (a loaded
-        checkpoint brings its own word classes)."""
+        """counts: each word's count in the LM's training text; needed for word_bias "bucket" (a loaded checkpoint
+        brings its own word classes)."""
         super().__init__()
         if cfg.arch not in ARCHS:
             raise LmdiscError(f"unknown discriminator arch {cfg.arch!r} (choose one of {', '.join(ARCHS)})")
