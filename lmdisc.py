@@ -261,13 +261,15 @@ def true_log_p_table(data_dir: Path, vocab: list[str]) -> torch.Tensor | None:
 FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 
 
-def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
-    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf).
-    Labels read "a-b" for [a, b): "1-10" holds the words seen 1 to 9 times."""
-    bucket = torch.bucketize(counts, torch.tensor(edges), right=True)
+def bucket_labels(edges: tuple[int, ...] = FREQ_EDGES) -> list[str]:
+    """Labels read "a-b" for counts in [a, b): "1-10" holds the words seen 1 to 9 times."""
     short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
-    labels = ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
-    return bucket, labels
+    return ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
+
+
+def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
+    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf)."""
+    return torch.bucketize(counts, torch.tensor(edges), right=True), bucket_labels(edges)
 
 
 def vocab_hash(vocab: list[str]) -> str:
@@ -409,6 +411,7 @@ class DiscConfig:
 
 
 ARCHS = ("lstm", "unigram", "temperature")
+WORD_BIASES = ("word", "bucket")
 BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)    # --word-bias bucket: 11 classes of words
 
 
@@ -447,7 +450,8 @@ class Discriminator(nn.Module):
             self.register_buffer("word_class", word_class)
             self.bias = nn.Parameter(torch.zeros(len(BIAS_EDGES) + 1))
         else:
-            raise LmdiscError(f"unknown discriminator word bias {cfg.word_bias!r} (choose word or bucket)")
+            raise LmdiscError(f"unknown discriminator word bias {cfg.word_bias!r} (choose one of "
+                              f"{', '.join(WORD_BIASES)})")
         if cfg.arch == "lstm":
             self.drop = nn.Dropout(cfg.dropout)
             self.encoder = nn.Embedding(cfg.vocab_size, cfg.emsize)
@@ -1019,8 +1023,8 @@ def temperature_gate(state: dict[str, torch.Tensor]) -> dict:
     factors = state["bias"].exp()
     text = f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
     if "word_class" in state:       # one factor exp(b) per class of training counts: print them all
-        labels = frequency_buckets(torch.zeros(1), BIAS_EDGES)[1]
-        text += "; exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in zip(labels, factors.tolist()))
+        pairs = zip(bucket_labels(BIAS_EDGES), factors.tolist())
+        text += "; exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in pairs)
     else:
         text += f"; word factors exp(b_w) range {factors.min():.3f}..{factors.max():.3f}"
     return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "word_factors": factors.tolist(), "text": text}
@@ -1501,7 +1505,7 @@ def add_disc_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help=preset_help("disc", "arch", "lstm: its own LSTM reads the context; unigram: one log-ratio per "
                                                     "word, the same in every context; temperature: reshapes q0 as "
                                                     "q0^(1+a(c)) exp(b_w), a(c) read off q0's entropy and confidence"))
-    p.add_argument(f"--{d}word-bias", dest="disc_word_bias", choices=["word", "bucket"],
+    p.add_argument(f"--{d}word-bias", dest="disc_word_bias", choices=WORD_BIASES,
                    help=preset_help("disc", "word_bias", "the per-word term b_w of every arch: word = one number per "
                                                          "word; bucket = one per class of words of similar training "
                                                          "count (11 classes), which cannot memorise single words"))

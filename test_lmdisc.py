@@ -512,13 +512,12 @@ def test_bucket_classes_are_counted_on_the_lms_text_not_the_discriminators(synth
     """Counted on the held-out slice the discriminator learns on, "count 0" would mean "never a real word in this
     text", a leak it learns (a measured run did: valid L_D above chance). The classes must come from the LM's text."""
     data = synthetic_run[0] / "data"
-    dcfg, cpu = L.DataConfig(data, holdout=0.3), torch.device("cpu")
-    loop = dict(bptt=20, batch_size=10, log_interval=50, clip=0.25)
-    L.run_train(dcfg, dict(emsize=16, nhid=16, nlayers=1, dropout=0.0, tied=True),
-                L.LoopConfig(epochs=1, lr=10.0, max_tokens=2000, **loop), tmp_path / "lm.pt", cpu, seed=0,
-                resume=False, log=quiet)
+    pc, cpu = tiny_pipeline_config(data), torch.device("cpu")
+    dcfg = dataclasses.replace(pc.data, holdout=0.3)
+    L.run_train(dcfg, pc.model, dataclasses.replace(pc.train_loop, epochs=1, max_tokens=2000), tmp_path / "lm.pt",
+                cpu, seed=0, resume=False, log=quiet)
     L.run_train_disc(dcfg, tmp_path / "lm.pt", dict(arch="unigram", word_bias="bucket"),
-                     L.DiscTrainConfig(split="holdout"), L.LoopConfig(epochs=1, lr=1e-2, max_tokens=1000, **loop),
+                     L.DiscTrainConfig(split="holdout"), dataclasses.replace(pc.disc_loop, max_tokens=1000),
                      tmp_path / "disc.pt", cpu, seed=0, log=quiet)
     corpus = L.load_corpus(data)
     lm_part, held_out = L.split_holdout(corpus.train, 0.3)
