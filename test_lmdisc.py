@@ -78,7 +78,7 @@ def test_unknown_word_without_unk_names_word_file_and_line(tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     (tmp_path / "ptb.train.txt").write_text("a\n")
     with pytest.raises(L.LmdiscError, match="lacks ptb.valid.txt, ptb.test.txt.*download"):
-        L.ensure_data(tmp_path, may_download=False)
+        L.ensure_data(tmp_path)
 
 
 def test_download_accepts_good_file_and_rejects_corrupt_one(tmp_path):
@@ -115,19 +115,19 @@ def test_real_ptb_statistics():
 # ------------------------------------------------------------------------------------------------- model ---------
 
 def test_tied_weights_are_one_tensor():
-    m = L.LSTMLM(L.LMConfig(vocab_size=30, emsize=8, nhid=8, nlayers=2, dropout=0.0, tied=True))
+    m = L.LSTMLM(30, emsize=8, nhid=8, nlayers=2, dropout=0.0, tied=True)
     assert m.decoder.weight is m.encoder.weight
-    untied = L.LSTMLM(L.LMConfig(vocab_size=30, emsize=8, nhid=8, nlayers=2, dropout=0.0, tied=False))
+    untied = L.LSTMLM(30, emsize=8, nhid=8, nlayers=2, dropout=0.0, tied=False)
     assert untied.decoder.weight is not untied.encoder.weight
     with pytest.raises(L.LmdiscError, match="nhid == emsize"):
-        L.LSTMLM(L.LMConfig(vocab_size=30, emsize=8, nhid=16, tied=True))
+        L.LSTMLM(30, emsize=8, nhid=16, nlayers=1, dropout=0.0, tied=True)
 
 
 def test_a_few_hundred_steps_lower_the_loss():
     torch.manual_seed(0)
     # a deterministic cyclic text: perfectly predictable, so the loss must fall far below log(V)
     data = L.batchify(torch.arange(4000) % 7, 8)
-    m = L.LSTMLM(L.LMConfig(vocab_size=7, emsize=16, nhid=16, nlayers=1, dropout=0.0))
+    m = L.LSTMLM(7, emsize=16, nhid=16, nlayers=1, dropout=0.0)
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
     losses, hidden = [], m.init_hidden(8)
     for step in range(300):
@@ -271,7 +271,7 @@ def test_temperature_discriminator_is_q0_to_a_power_times_word_factors():
     checked against a float64 computation written out by hand; zero-initialised it is chance (s = 0)."""
     g = torch.Generator().manual_seed(10)
     V = 7
-    disc = L.Discriminator(L.DiscConfig(vocab_size=V, arch="temperature")).double()
+    disc = L.TemperatureDiscriminator(V).double()
     x, log_q0 = torch.zeros(3, 2, dtype=torch.long), random_log_probs(3, 2, V, generator=g)
     assert disc(x, (), log_q0)[0].abs().max() == 0
     w_a, w_h, w_m, c_a, b = 0.2, -0.1, 0.05, 0.3, torch.randn(V, dtype=torch.float64, generator=g)
@@ -295,7 +295,7 @@ def test_temperature_discriminator_learns_that_q0_is_overconfident():
     V = 30
     log_q0 = random_log_probs(256, V, generator=g)
     log_p = torch.log_softmax(0.7 * log_q0, -1)
-    disc = L.Discriminator(L.DiscConfig(vocab_size=V, arch="temperature")).double()
+    disc = L.TemperatureDiscriminator(V).double()
     opt = torch.optim.Adam(disc.parameters(), lr=0.05)
     x = torch.zeros(256, dtype=torch.long)
     for _ in range(400):
@@ -319,14 +319,14 @@ def test_bucket_word_bias_is_shared_by_words_of_similar_count(tmp_path):
     """word_bias bucket: one b per class of training counts, kept in the checkpoint (a weights-only load rebuilds
     the classes); two words with counts in the same class always get the same s from a unigram discriminator."""
     counts = torch.tensor([0, 1, 2, 5, 9, 40, 2000, 50000])
-    cfg = L.DiscConfig(vocab_size=8, arch="unigram", word_bias="bucket")
-    disc = L.Discriminator(cfg, counts)
+    disc = L.UnigramDiscriminator(8, "bucket", counts)
     assert disc.word_class.tolist() == [0, 1, 1, 2, 2, 4, 7, 10]       # BIAS_EDGES 1, 3, 10, 30, ..., 30k
     with torch.no_grad():
         disc.bias.copy_(torch.arange(11.0))
-    L.save_checkpoint(tmp_path / "d.pt", {"kind": "disc", "model": disc.state_dict()})
-    loaded = L.Discriminator(cfg)                                      # no counts: the checkpoint brings them
-    loaded.load_state_dict(L.load_checkpoint(tmp_path / "d.pt", "disc")["model"])
+    torch.save({"config": disc.config, "model": disc.state_dict()}, tmp_path / "d.pt")
+    saved = torch.load(tmp_path / "d.pt", weights_only=True)
+    loaded = L.disc_from_config(saved["config"])                       # no counts: the checkpoint brings them
+    loaded.load_state_dict(saved["model"])
     s, _ = loaded(torch.zeros(1, 1, dtype=torch.long), (), torch.zeros(1, 1, 8))
     assert s[0, 0].tolist() == [0, 1, 1, 2, 2, 4, 7, 10]
 
@@ -380,17 +380,17 @@ def test_kl_term_moves_q_toward_p():
 def test_checkpoint_round_trip_weights_only(tmp_path):
     d = write_splits(tmp_path / "d", "a b c\nb c a\n", "a b\n", "c a\n")
     corpus = L.load_corpus(d)
-    m = L.LSTMLM(L.LMConfig(vocab_size=len(corpus.vocab), emsize=8, nhid=8, nlayers=1))
-    L.save_checkpoint(tmp_path / "m.pt", L.lm_checkpoint(m, corpus, "train", {"valid_ppl": 3.0}, data={"holdout": 0}))
+    m = L.LSTMLM(len(corpus.vocab), emsize=8, nhid=8, nlayers=1, dropout=0.0)
+    L.save_checkpoint(tmp_path / "m.pt", L.lm_checkpoint(m, corpus, {"seed": 1}, {"valid_ppl": 3.0}, str(d), 0.0))
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert raw["vocab"] == corpus.vocab and raw["metrics"]["valid_ppl"] == 3.0
+    assert raw["vocab"] == corpus.vocab and raw["result"]["valid_ppl"] == 3.0
     m2 = L.lm_from_checkpoint(L.load_checkpoint(tmp_path / "m.pt", "lm"), torch.device("cpu"))
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k
     assert raw["fingerprint"] == L.weights_fingerprint(m2.state_dict())
 
 
-def test_corrupt_or_wrong_kind_checkpoint_is_one_line_error(tmp_path, capsys):
+def test_corrupt_wrong_kind_incomplete_or_code_running_checkpoint_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(L.LmdiscError, match="not a readable lmdisc checkpoint"):
@@ -398,16 +398,110 @@ def test_corrupt_or_wrong_kind_checkpoint_is_one_line_error(tmp_path, capsys):
     torch.save({"kind": "disc"}, tmp_path / "disc.pt")
     with pytest.raises(L.LmdiscError, match="is a 'disc' checkpoint"):
         L.load_checkpoint(tmp_path / "disc.pt", "lm")
+    torch.save({"kind": "lm", "model": {}}, tmp_path / "partial.pt")           # a key missing: no KeyError
+    with pytest.raises(L.LmdiscError, match="lacks model_config"):
+        L.load_checkpoint(tmp_path / "partial.pt", "lm")
+    torch.save({"kind": "lm", "run": print}, tmp_path / "code.pt")            # a pickle naming a function
+    with pytest.raises(L.LmdiscError, match="Unsupported global.*print"):       # refused, and the reason shown
+        L.load_checkpoint(tmp_path / "code.pt", "lm")
     assert L.main(["generate", "--checkpoint", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_cli_lists_its_subcommands():
+def test_concurrent_json_writers_do_not_collide(tmp_path):
+    import threading
+    errors = []
+
+    def writer(k):
+        try:
+            for i in range(200):
+                L.write_json(tmp_path / "x.json", {"writer": k, "i": i})
+        except Exception as e:          # noqa: BLE001 - any error is the failure this test looks for
+            errors.append(e)
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and json.loads((tmp_path / "x.json").read_text())["i"] == 199
+
+
+def test_cli_lists_exactly_its_subcommands():
+    parser = L.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"train", "train-disc", "finetune", "pipeline", "evaluate", "analyze",
+                                "make-synthetic", "generate", "download"}
     out = subprocess.run([sys.executable, str(HERE / "lmdisc.py"), "--help"], capture_output=True, text=True).stdout
-    for cmd in ("download", "train", "train-disc", "finetune", "analyze", "pipeline", "evaluate", "generate",
-                "make-synthetic"):
-        assert cmd in out
+    assert "finetune --lr 1e-4" in out
+
+
+def test_flags_come_from_the_config_fields_and_show_every_presets_value():
+    help_text = L.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "tiny 1, small 14, medium 39" in " ".join(help_text.split())                # --epochs
+    args = L.build_parser().parse_args(["finetune", "--lr", "1e-4,3e-4", "--preset", "small"])
+    cfg = L.phase_config(args, "finetune")
+    assert cfg.lr == (1e-4, 3e-4) and cfg.max_tokens == L.PRESETS["small"].finetune.max_tokens
+
+
+# ------------------------------------------------------------------------------------- bad input ----------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--lr", "-1"], "--lr must be positive"), (["train", "--lr", "0"], "--lr must be positive"),
+    (["train", "--lr", "nan"], "--lr must be positive"), (["train-disc", "--lr", "inf"], "--lr must be positive"),
+    (["finetune", "--lr", "1e-4,-1"], "--lr must be positive"),
+    (["finetune", "--kl-weight", "-1"], "--kl-weight must be >= 0"),
+    (["finetune", "--kl-weight", "nan"], "--kl-weight must be >= 0"),
+    (["train", "--epochs", "0"], "--epochs must be between"), (["train", "--holdout", "0.9"], "--holdout must be"),
+    (["generate", "--checkpoint", "nowhere.pt"], "does not exist"),
+])
+def test_bad_flags_stop_before_any_work_with_one_line(argv, message, capsys, tmp_path):
+    assert L.main(argv + (["--run", str(tmp_path / "r")] if argv[0] != "generate" else [])) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv", [["train", "--seed", "-1"], ["train", "--epochs", "1.5"], ["finetune", "--lr", "x"]])
+def test_malformed_numbers_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        L.main(argv)
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_card_command_with_nothing_trained_says_what_to_run(tmp_path):
+    """`python lmdisc.py finetune --lr 1e-4` exactly as typed, in a fresh copy with no runs/: one line, exit 1."""
+    (tmp_path / "lmdisc.py").write_text((HERE / "lmdisc.py").read_text())
+    r = subprocess.run([sys.executable, "lmdisc.py", "finetune", "--lr", "1e-4"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == f"error: {tmp_path / 'runs' / 'tiny' / 'lm.pt'} does not exist yet: run " \
+                               f"`python lmdisc.py train` first"
+
+
+def test_unwritable_run_folder_is_found_before_training(tmp_path, capsys):
+    data = write_splits(tmp_path / "d", "a b c\n" * 50, "a b\n" * 20, "c a\n" * 20)
+    (tmp_path / "file").write_text("x")
+    assert L.main(["train", "--data", str(data), "--run", str(tmp_path / "file")]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_data_problems_are_one_line_errors(tmp_path):
+    empty = write_splits(tmp_path / "empty", "", "a\n", "a\n")
+    with pytest.raises(L.LmdiscError, match="ptb.train.txt is empty"):
+        L.load_corpus(empty)
+    binary = write_splits(tmp_path / "bin", "a b\n", "a\n", "a\n")
+    (binary / "ptb.train.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(L.LmdiscError, match="not UTF-8"):
+        L.load_corpus(binary)
+    bom = write_splits(tmp_path / "bom", "a b\n", "a\n", "b\n")
+    (bom / "ptb.train.txt").write_bytes("\ufeffa b\n".encode())
+    assert L.load_corpus(bom).vocab == ["a", "b", "<eos>"]                     # the byte-order mark is no word
+
+
+def test_download_over_a_tampered_file_says_so(tmp_path):
+    (tmp_path / "ptb.train.txt").write_text("tampered\n")
+    with pytest.raises(L.LmdiscError, match="existing .*ptb.train.txt fails its sha256 check"):
+        L.download_ptb(tmp_path, base_url=(tmp_path / "nowhere").as_uri() + "/", log=quiet)
 
 
 # ------------------------------------------------------------------------- end to end on a synthetic corpus ------
@@ -416,38 +510,36 @@ def quiet(_):
     pass
 
 
-def tiny_pipeline_config(data: Path, **finetune) -> L.PipelineConfig:
-    loop = dict(bptt=20, batch_size=10, log_interval=50, clip=0.25)
-    return L.PipelineConfig(
-        data=L.DataConfig(data), model=dict(emsize=32, nhid=32, nlayers=1, dropout=0.1, tied=True),
-        train_loop=L.LoopConfig(epochs=2, lr=10.0, **loop),
-        disc=dict(arch="lstm", emsize=32, nhid=32, nlayers=1, dropout=0.3), disc_train=L.DiscTrainConfig(),
-        disc_loop=L.LoopConfig(epochs=1, lr=1e-2, eval_every=40, **loop),
-        finetune=L.FinetuneConfig(**finetune), finetune_loop=L.LoopConfig(epochs=1, lr=0.0, max_tokens=4000,
-                                                                          eval_every=10, **loop),
-        lrs=[1.0], seed=0)
+LOOP = dict(bptt=20, batch_size=10, log_interval=5, clip=0.25, eval_tokens=20_000)
+TRAIN = L.TrainConfig(emsize=32, nhid=32, nlayers=1, dropout=0.1, epochs=2, lr=10.0, **LOOP)
+DISC = L.DiscTrainConfig(emsize=32, nhid=32, dropout=0.3, lr=1e-2, eval_every=40, **LOOP)
+FINETUNE = L.FinetuneConfig(lr=(1e-3,), max_tokens=4000, eval_every=10, **LOOP)
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     L.make_synthetic(root / "data", n_words=60, tokens=(30_000, 4_000, 4_000), seed=1, log=quiet)
-    result = L.run_pipeline(tiny_pipeline_config(root / "data"), root / "run", torch.device("cpu"), log=quiet)
-    return root, result
+    run = root / "run"
+    L.run_train(run, TRAIN, root / "data", 0, CPU, log=quiet)
+    L.run_train_disc(run, DISC, 0, CPU, log=quiet)
+    ft = L.run_finetune(run, run / "finetune", FINETUNE, run / "disc.pt", 0, CPU, log=quiet)
+    an = L.run_analyze(run, run / "finetune", log=quiet)
+    return root, ft, an
 
 
-def test_pipeline_writes_results_with_four_rows(synthetic_run):
-    root, result = synthetic_run
-    ft = json.loads((root / "run" / "finetune.json").read_text())
-    models = [r["model"] for r in ft["rows"]]
-    assert len(models) == 4 and models[0].startswith("base") and models[1].startswith("rescored")
-    assert models[2].startswith("CE-only control") and models[3].startswith("CE + 1 KL")
-    assert all(math.isfinite(r["test_ppl"]) for r in ft["rows"])
-    assert "| model | valid ppl |" in (root / "run" / "results.md").read_text()
+def test_finetune_writes_a_table_with_four_rows(synthetic_run):
+    root, ft, _ = synthetic_run
+    rows = ft["table"].splitlines()[2:]
+    names = ["base q0", "rescored p_hat = q0 exp(s) / Z", "CE-only control", "CE + 1 KL(q || p_hat)"]
+    assert len(rows) == 4 and all(row.startswith(f"| {name}") for row, name in zip(rows, names))
+    assert json.loads((root / "run" / "finetune" / "finetune.json").read_text())["table"] == ft["table"]
+    assert all(math.isfinite(ft["arms"][a]["test_ppl"]) for a in ("ce", "kl"))
 
 
 def test_synthetic_disc_beats_chance_and_estimates_true_kl(synthetic_run):
-    root, _ = synthetic_run
+    root, _, _ = synthetic_run
     d = json.loads((root / "run" / "disc.json").read_text())["valid_disc"]
     assert d["L_D"] < L.CHANCE_L_D - 0.01
     # the estimated reverse KL starts at 0 (s = 0) and must move toward the true, positive value without
@@ -457,71 +549,191 @@ def test_synthetic_disc_beats_chance_and_estimates_true_kl(synthetic_run):
 
 
 def test_analyze_buckets_add_up_to_test_tokens(synthetic_run):
-    root, result = synthetic_run
+    root, _, an = synthetic_run
     corpus = L.load_corpus(root / "data")
-    rows = [line.split(",") for line in (root / "run" / "rare_words.csv").read_text().splitlines()]
+    rows = [line.split(",") for line in (root / "run" / "finetune" / "rare_words.csv").read_text().splitlines()]
     header, body = rows[0], rows[1:]
-    tokens = [int(r[header.index("tokens")]) for r in body if r[0] == "frequency"]
     n_targets = L.batchify(corpus.test, L.EVAL_BATCH_SIZE).numel() - L.EVAL_BATCH_SIZE
-    assert sum(tokens) == n_targets == result["analyze"]["test_tokens"]
-    assert sum(int(r[header.index("tokens")]) for r in body if r[0] == "rank") == n_targets
+    for grouping in ("frequency", "rank"):
+        assert sum(int(r[header.index("tokens")]) for r in body if r[0] == grouping) == n_targets
+    assert an["test_tokens"] == n_targets
 
 
 def test_finetune_refuses_a_discriminator_of_another_lm(synthetic_run, tmp_path):
-    root, _ = synthetic_run
+    root, _, _ = synthetic_run
     ck = L.load_checkpoint(root / "run" / "lm.pt", "lm")
     ck["model"] = {k: v + 0.01 for k, v in ck["model"].items()}
-    L.save_checkpoint(tmp_path / "other.pt", ck)
-    pc = tiny_pipeline_config(root / "data")
+    ck["fingerprint"] = L.weights_fingerprint(ck["model"])
+    L.save_checkpoint(tmp_path / "lm.pt", ck)
     with pytest.raises(L.LmdiscError, match="trained against an LM"):
-        L.run_finetune(pc.data, tmp_path / "other.pt", root / "run" / "disc.pt", pc.finetune, pc.finetune_loop,
-                       [1e-3], ["kl"], tmp_path, torch.device("cpu"), 0, log=quiet)
+        L.run_finetune(tmp_path, tmp_path / "ft", FINETUNE, root / "run" / "disc.pt", 0, CPU, log=quiet)
 
 
-def test_pipeline_skips_finished_steps(synthetic_run):
-    root, _ = synthetic_run
+def test_a_finished_phase_is_up_to_date_and_other_settings_are_refused(synthetic_run):
+    root, ft, _ = synthetic_run
+    run, lines = root / "run", []
+    L.run_train(run, TRAIN, root / "data", 0, CPU, log=lines.append)
+    L.run_train_disc(run, DISC, 0, CPU, log=lines.append)
+    again = L.run_finetune(run, run / "finetune", FINETUNE, run / "disc.pt", 0, CPU, log=lines.append)
+    assert sum("is up to date" in line for line in lines) == 4 and again["table"] == ft["table"]
+    assert not any("step" in line and "ms/batch" in line for line in lines)           # nothing was trained again
+    with pytest.raises(L.LmdiscError, match=r"made with other settings \(seed 0 there, 2 here\)"):
+        L.run_train(run, TRAIN, root / "data", 2, CPU, log=quiet)
+    with pytest.raises(L.LmdiscError, match="config.lr 0.01 there, 0.02 here"):
+        L.run_train_disc(run, dataclasses.replace(DISC, lr=0.02), 0, CPU, log=quiet)
+
+
+def test_a_fine_tune_with_other_settings_gets_its_own_folder(synthetic_run, capsys):
+    """The card's --lr on a run made by other settings: a new folder named after the lr; the old one untouched."""
+    run = synthetic_run[0] / "run"
+    before = (run / "finetune" / "finetune.json").read_text()
+    assert L.main(["finetune", "--run", str(run), "--lr", "3e-3", "--arms", "ce"]) == 0
+    assert (run / "finetune-lr-0.003" / "ce-lr0.003.pt").exists()
+    assert (run / "finetune" / "finetune.json").read_text() == before
+
+
+def test_both_arms_see_identical_batches_and_dropout_masks(synthetic_run, tmp_path, monkeypatch):
+    root, _, _ = synthetic_run
+    seen = {0.0: [], 1.0: []}                    # per arm (kl weight): the batches and the masks, in order
+    arm = [None]
+    original_loss, original_dropout = L.FinetuneTask.loss, torch.nn.Dropout.forward
+
+    def loss(self, x, y):
+        arm[0] = self.kl_weight
+        seen[arm[0]].append(("batch", x.clone()))
+        return original_loss(self, x, y)
+
+    def dropout(self, inp):
+        out = original_dropout(self, inp)
+        if self.training and arm[0] is not None:  # masks drawn in training mode (eval-mode passes draw none)
+            seen[arm[0]].append(("mask", out == 0))
+        return out
+    original_trap = L.kl_on_both_passes
+
+    def trap(*args, **kwargs):                    # the KL arm's trap measurement draws masks on a forked RNG
+        arm[0] = None
+        return original_trap(*args, **kwargs)
+    monkeypatch.setattr(L.FinetuneTask, "loss", loss)
+    monkeypatch.setattr(torch.nn.Dropout, "forward", dropout)
+    monkeypatch.setattr(L, "kl_on_both_passes", trap)
+    L.run_finetune(root / "run", tmp_path / "ft", FINETUNE, root / "run" / "disc.pt", 0, CPU, log=quiet)
+    ce, kl = seen[0.0], seen[1.0]
+    assert len(ce) == len(kl) > 20 and sum(kind == "mask" for kind, _ in ce) > 10
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(ce, kl))
+
+
+def test_kl_on_the_dropout_pass_exceeds_the_dropout_free_pass(synthetic_run):
+    """The dropout trap, measured on the same weights: q = q0 at step 0, so the dropout-free pass gives exactly
+    KL(q0 || p_hat), while the pass with dropout reads a noisier q and a larger KL."""
+    root, _, _ = synthetic_run
+    corpus = L.load_corpus(root / "data")
+    lm_ck = L.load_checkpoint(root / "run" / "lm.pt", "lm")
+    q0 = L.frozen_lm(lm_ck, corpus, CPU)
+    disc = L.frozen_disc(L.load_checkpoint(root / "run" / "disc.pt", "disc"), "disc.pt", lm_ck, CPU)
+    q = L.LSTMLM(**lm_ck["model_config"])
+    q.load_state_dict(lm_ck["model"])
+    task = L.FinetuneTask(q, q0, disc, 1.0, "eval", None, 20)
+    data = L.batchify(corpus.train, 10)
+    on_dropout, on_eval = L.kl_on_both_passes(task, data, 20, batches=20)
+    assert on_dropout > on_eval * 1.05 and on_eval > 0
+
+
+def interrupt_at(step: int, lines: list):
+    """A log function that sends Ctrl-C (SIGINT) to this process when the progress line of `step` is printed."""
+    import os
+    import signal
+
+    def log(line):
+        lines.append(line)
+        if f"| step {step:>6}/" in line:
+            os.kill(os.getpid(), signal.SIGINT)
+    return log
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "during validation"])
+def test_interrupted_then_resumed_train_ends_with_the_same_weights(tmp_path, monkeypatch, where):
+    L.make_synthetic(tmp_path / "data", n_words=30, tokens=(6_000, 1_000, 1_000), seed=3, log=quiet)
+    cfg = dataclasses.replace(TRAIN, eval_every=7)
+    whole = L.run_train(tmp_path / "a", cfg, tmp_path / "data", 0, CPU, log=quiet)
     lines = []
-    L.run_pipeline(tiny_pipeline_config(root / "data"), root / "run", torch.device("cpu"), log=lines.append)
-    assert sum("up to date, skipped" in line for line in lines) == 3
+    if where == "mid-epoch":
+        log = interrupt_at(10, lines)                # mid-epoch, between two validations, hidden state carried
+    else:
+        import os
+        import signal
+        original, calls = L.LMTask.validate, []
+
+        def validate(self):                           # Ctrl-C arrives while the second validation runs
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return original(self)
+        monkeypatch.setattr(L.LMTask, "validate", validate)
+        log = lines.append
+    with pytest.raises(L.Interrupted, match="run the same command again"):
+        L.run_train(tmp_path / "b", cfg, tmp_path / "data", 0, CPU, log=log)
+    assert not (tmp_path / "b" / "lm.pt").exists() and (tmp_path / "b" / "lm.resume.pt").exists()
+    monkeypatch.undo()
+    lines = []
+    resumed = L.run_train(tmp_path / "b", cfg, tmp_path / "data", 0, CPU, log=lines.append)
+    assert any("resuming from" in line for line in lines)
+    assert resumed["valid_ppl"] == whole["valid_ppl"] and resumed["test_ppl"] == whole["test_ppl"]
+    assert L.load_checkpoint(tmp_path / "b" / "lm.pt", "lm")["fingerprint"] == \
+        L.load_checkpoint(tmp_path / "a" / "lm.pt", "lm")["fingerprint"]
+    assert not (tmp_path / "b" / "lm.resume.pt").exists()
 
 
 def test_cpu_training_is_deterministic(tmp_path):
     L.make_synthetic(tmp_path / "data", n_words=30, tokens=(5_000, 1_000, 1_000), seed=2, log=quiet)
-    pc = tiny_pipeline_config(tmp_path / "data")
-    loop = dataclasses.replace(pc.train_loop, epochs=1)
-    a = L.run_train(pc.data, pc.model, loop, tmp_path / "a.pt", torch.device("cpu"), 5, False, log=quiet)
-    b = L.run_train(pc.data, pc.model, loop, tmp_path / "b.pt", torch.device("cpu"), 5, False, log=quiet)
+    cfg = dataclasses.replace(TRAIN, epochs=1)
+    a = L.run_train(tmp_path / "a", cfg, tmp_path / "data", 5, CPU, log=quiet)
+    b = L.run_train(tmp_path / "b", cfg, tmp_path / "data", 5, CPU, log=quiet)
     assert a["valid_ppl"] == b["valid_ppl"] and a["test_ppl"] == b["test_ppl"]
-    assert L.load_checkpoint(tmp_path / "a.pt", "lm")["fingerprint"] == \
-        L.load_checkpoint(tmp_path / "b.pt", "lm")["fingerprint"]
-
-
-def test_resume_continues_where_training_stopped(tmp_path):
-    L.make_synthetic(tmp_path / "data", n_words=30, tokens=(5_000, 1_000, 1_000), seed=3, log=quiet)
-    pc = tiny_pipeline_config(tmp_path / "data")
-    one = dataclasses.replace(pc.train_loop, epochs=1)
-    first = L.run_train(pc.data, pc.model, one, tmp_path / "lm.pt", torch.device("cpu"), 0, False, log=quiet)
-    lines = []
-    second = L.run_train(pc.data, pc.model, dataclasses.replace(one, epochs=2), tmp_path / "lm.pt",
-                         torch.device("cpu"), 0, True, log=lines.append)
-    assert any("resumed" in line and "epoch 2" in line for line in lines)
-    assert second["steps"] == 2 * first["steps"]
+    assert L.load_checkpoint(tmp_path / "a" / "lm.pt", "lm")["fingerprint"] == \
+        L.load_checkpoint(tmp_path / "b" / "lm.pt", "lm")["fingerprint"]
 
 
 def test_bucket_classes_are_counted_on_the_lms_text_not_the_discriminators(synthetic_run, tmp_path):
     """Counted on the held-out slice the discriminator learns on, "count 0" would mean "never a real word in this
     text", a leak it learns (a measured run did: valid L_D above chance). The classes must come from the LM's text."""
     data = synthetic_run[0] / "data"
-    pc, cpu = tiny_pipeline_config(data), torch.device("cpu")
-    dcfg = dataclasses.replace(pc.data, holdout=0.3)
-    L.run_train(dcfg, pc.model, dataclasses.replace(pc.train_loop, epochs=1, max_tokens=2000), tmp_path / "lm.pt",
-                cpu, seed=0, resume=False, log=quiet)
-    L.run_train_disc(dcfg, tmp_path / "lm.pt", dict(arch="unigram", word_bias="bucket"),
-                     L.DiscTrainConfig(split="holdout"), dataclasses.replace(pc.disc_loop, max_tokens=1000),
-                     tmp_path / "disc.pt", cpu, seed=0, log=quiet)
+    L.run_train(tmp_path, dataclasses.replace(TRAIN, epochs=1, max_tokens=2000, holdout=0.3), data, 0, CPU, log=quiet)
+    L.run_train_disc(tmp_path, dataclasses.replace(DISC, arch="unigram", word_bias="bucket", split="holdout",
+                                                   max_tokens=1000), 0, CPU, log=quiet)
     corpus = L.load_corpus(data)
     lm_part, held_out = L.split_holdout(corpus.train, 0.3)
     classes = L.load_checkpoint(tmp_path / "disc.pt", "disc")["model"]["word_class"]
     by_count_in = lambda text: L.frequency_buckets(torch.bincount(text, minlength=len(corpus.vocab)), L.BIAS_EDGES)[0]
     assert torch.equal(classes, by_count_in(lm_part))
     assert not torch.equal(classes, by_count_in(held_out))
+
+
+def test_analyze_memory_stays_bounded_on_a_large_vocabulary(tmp_path):
+    """analyze once grew to gigabytes (one small tensor kept per batch while large logits came and went fragments
+    the heap): on this very setup, 10,000 words and 60,000 test tokens, the version before the fix added 6.2 GB to
+    the process's peak resident memory, the fixed one 0.17 GB."""
+    script = f"""
+import resource, json, torch, lmdisc as L
+from pathlib import Path
+torch.set_num_threads(1)
+root = Path({str(tmp_path)!r})
+(root / "data").mkdir()
+words = [f"w{{i}}" for i in range(9999)]
+text = lambda n: chr(10).join(" ".join(words[j] for j in torch.randint(0, 9999, (20,)).tolist()) for _ in range(n // 20))
+for split, body in (("train", " ".join(words)), ("valid", text(2_000)), ("test", text(60_000))):
+    (root / "data" / f"ptb.{{split}}.txt").write_text(body + chr(10))
+corpus = L.load_corpus(root / "data")
+run = root / "run"
+for name in ("lm.pt", "finetune/ce.pt", "finetune/kl.pt"):
+    m = L.LSTMLM(len(corpus.vocab), 64, 64, 1, 0.0)
+    L.save_checkpoint(run / name, L.lm_checkpoint(m, corpus, {{}}, {{}}, str(root / "data"), 0.0))
+(run / "finetune" / "finetune.json").write_text(json.dumps({{"key": {{"config": {{"eval_tokens": 0}}}},
+    "arms": {{"ce": {{"checkpoint": "ce.pt"}}, "kl": {{"checkpoint": "kl.pt"}}}}}}))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+L.run_analyze(run, run / "finetune", log=lambda s: None)
+print("peak-kb", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = map(int, r.stdout.split("peak-kb")[1].split())
+    assert after - before < 400_000, (before, after)             # kB: analyze itself adds less than 0.4 GB
