@@ -66,6 +66,7 @@ class LmdiscError(Exception):
 
 
 def need(condition: bool, message: str) -> None:
+    """Stop with one line for the user (LmdiscError) unless `condition` holds."""
     if not condition:
         raise LmdiscError(message)
 
@@ -82,6 +83,12 @@ def need(condition: bool, message: str) -> None:
 # Mikolov's PTB: whitespace-tokenised text, one sentence per line, lower-cased, numbers replaced by N and rare words
 # by <unk>; the vocabulary has exactly 10,000 words once <eos> is added. Getting the files (and checking their
 # sha256) is plumbing: Part III, `ensure_data`.
+
+#
+# A language model predicts the next word from the words before it, so the text is read as one long stream: the
+# end of a sentence becomes a word of its own, <eos>, which the model must predict like any other (this is how
+# perplexities on PTB are reported everywhere, pytorch/examples included). The vocabulary is read off the training
+# split only; validation and test words outside it would be <unk>, but PTB's preprocessing already left none.
 
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"
@@ -134,6 +141,7 @@ def tokenize(path: Path, word2idx: dict[str, int]) -> torch.Tensor:
 
 @dataclass
 class Corpus:
+    """The three splits as tensors of word ids, and the vocabulary that maps ids back to words."""
     vocab: list[str]          # id -> word
     train: torch.Tensor       # 1-D LongTensors of word ids
     valid: torch.Tensor
@@ -141,6 +149,7 @@ class Corpus:
 
 
 def load_corpus(data_dir: Path) -> Corpus:
+    """Read the three splits: the vocabulary from the training text, then every split mapped to ids."""
     train_path = split_path(data_dir, "train")
     if train_path.stat().st_size == 0:
         raise LmdiscError(f"{train_path} is empty")
@@ -164,8 +173,18 @@ def load_corpus(data_dir: Path) -> Corpus:
 #                  f l r x
 #
 # Each target is the id one row below its input; the last batch of a pass may be shorter than bptt.
+#
+# Why columns: the 20 columns are 20 independent pieces of text read in parallel, one per row of the LSTM's batch.
+# Why bptt: back-propagating through the whole stream is impossible, so the gradient flows back at most bptt = 35
+# words, while the hidden state itself is carried on from batch to batch (detach_hidden): the model still *sees*
+# context older than 35 words, it just does not learn through it. The price: the few words where a column begins
+# have no context, and dependencies across column boundaries are never learned.
+
+BPTT = 35       # words per batch row: the truncated-BPTT window of training, and the chunk length of evaluation
+
 
 def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
+    """Cut a stream of ids into `bsz` columns of contiguous text: shape (len // bsz, bsz). See the diagram."""
     nbatch = data.size(0) // bsz
     if nbatch < 2:
         raise LmdiscError(f"a split of {data.size(0)} tokens is too short for batch size {bsz}")
@@ -173,6 +192,7 @@ def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
 
 
 def get_batch(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows i .. i+bptt-1 as input, the rows one below as target: each target word is its input's next word."""
     seq_len = min(bptt, source.size(0) - 1 - i)
     return source[i: i + seq_len], source[i + 1: i + 1 + seq_len]
 
@@ -185,6 +205,19 @@ def batch_starts(source: torch.Tensor, bptt: int) -> range:
 # =====================================================================================================================
 # 2. The language model q(w|c): embedding -> dropout -> LSTM -> dropout -> linear decoder -> softmax
 # =====================================================================================================================
+
+# For each position t of the stream the model computes, from the word x_t and the state (h_{t-1}, c_{t-1}):
+#
+#     e_t = E[x_t]                                   the word's embedding (a row of E, V x emsize)
+#     i, f, o = sigmoid(W e_t + U h_{t-1} + b)       input, forget and output gates (one set per layer)
+#     c_t = f * c_{t-1} + i * tanh(W_g e_t + U_g h_{t-1} + b_g)          the cell: what is kept, what is written
+#     h_t = o * tanh(c_t)                            what the cell shows the next layer (and the next position)
+#     q(. | x_1..x_t) = softmax(D h_t + d)           a distribution over the V words that may come next
+#
+# Dropout (Srivastava et al. 2014; Zaremba et al. 2014 for LSTMs) zeroes a random fraction of e_t and h_t during
+# training only, scaling the rest up: the network cannot lean on any single unit, which is what keeps a model of
+# millions of parameters from memorising a million words of text. At evaluation time (model.eval()) dropout is off
+# and the model is deterministic: that dropout-free model is the q0 of phases 2 and 3.
 
 class LSTMLM(nn.Module):
     """The word-level LSTM of Zaremba et al. (2014), as in pytorch/examples/word_language_model.
@@ -237,13 +270,19 @@ def detach_hidden(hidden: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 #
 #     D*(c, w) = p(w|c) / (p(w|c) + q0(w|c))   so   s*(c, w) = log p(w|c) - log q0(w|c):
 #
-# the logit *is* the log density ratio, which is all phase 3 needs. Because the network scores every word of the
+# (for one context, the expected loss -p log D - q0 log(1 - D) is minimised pointwise in D, at D = p / (p + q0)),
+# so the logit *is* the log density ratio, which is all phase 3 needs. Because the network scores every word of the
 # vocabulary at once (like an LM's decoder, but with a sigmoid per word instead of one softmax), expectations over
 # w ~ q0 are exact sums over the vocabulary rather than Monte-Carlo samples.
 #
 # The paper's discriminator reads the context with a recurrent network of its own; this one is an LSTM like the
 # LM's. Part II (section 12) adds discriminators with a handful of parameters; every kind has the same interface:
 # forward(x, hidden, log_q0) -> s, hidden, and a word term b_w (`word_bias`).
+#
+# Why a sigmoid per word, not a softmax: the question asked of each word is a yes/no one ("real next word, or a
+# draw from q0?"), and a softmax would force the answers of all words to compete for one unit of probability.
+# Why this is cheap: the head is a V x nhid matrix like the LM's decoder, so s for all 10,000 words costs one
+# matrix product, and the loss can then weigh every word by q0 instead of sampling a few (section 4).
 
 class Discriminator(nn.Module):
     """The word term shared by every kind of discriminator: s(c, w) = (what the context says) + b_w.
@@ -253,6 +292,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, vocab_size: int, word_bias: str, counts: torch.Tensor | None):
         super().__init__()
+        # the constructor's arguments, stored in the checkpoint so that disc_from_config can rebuild the model
         self.config = dict(vocab_size=vocab_size, word_bias=word_bias)
         if word_bias == "word":
             self.bias = nn.Parameter(torch.zeros(vocab_size))
@@ -293,6 +333,8 @@ class LSTMDiscriminator(Discriminator):
     def forward(self, x: torch.Tensor, hidden: tuple, log_q0: torch.Tensor):
         """x: (seq_len, batch) ids, log_q0: (seq_len, batch, V) -> s: (seq_len, batch, V), new hidden state.
         This kind does not read log_q0; the low-parameter kinds of Part II do."""
+        # h_c: the discriminator reads the same context as q0, with its own embedding and LSTM, so that it can
+        # notice what q0 misses; s(c, .) = head(h_c) + b scores every vocabulary word at once
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
         return self.head(self.drop(out)) + self.word_term(), hidden
 
@@ -303,6 +345,15 @@ class LSTMDiscriminator(Discriminator):
 # Notation: log_q0 = log_softmax of the frozen base model's logits, s = the discriminator's logits, log_q = the
 # log-probabilities of the model being fine-tuned. Each is shaped (..., V). The paper's method section is not
 # public: the loss forms below are derived from its abstract and the density-ratio argument above.
+#
+# The chain of ideas, in order:
+#   discriminator_loss   trains s so that s -> log p - log q0 (section 3), the real word against q0's words
+#   log_p_hat            turns any s into a distribution: p_hat = q0 exp(s) / Z, exactly p when s is exact
+#   ratio_calibration    log Z, a check of s: 0 when s is exact, whatever p and q0 are
+#   reverse_kl           KL(q || p_hat) = sum_w q (log q - log p_hat): the term phase 3 adds to CE
+#   finetune_loss        CE + kl_weight * KL, the whole of phase 3's objective
+# Every function works on the last axis only, so the same code serves a (V,) toy in the tests and a
+# (35, 20, 10000) batch in training; the tests check each against a float64 closed form.
 
 def discriminator_loss(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor, negatives: str = "exact",
                        k: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -325,6 +376,8 @@ def discriminator_loss(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tens
 
 
 CHANCE_L_D = 2 * math.log(2)   # L_D of s = 0: -log(1/2) for the real word + -log(1/2) for the q0 words
+# At its optimum L_D = 2 ln 2 - 2 JS(p, q0), where JS is the Jensen-Shannon divergence (Goodfellow et al. 2014): how
+# far below chance a discriminator gets on new text says how different p and q0 are, as far as it can tell.
 
 
 def log_p_hat(log_q0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -351,7 +404,11 @@ def reverse_kl(log_q: torch.Tensor, log_q0: torch.Tensor, s: torch.Tensor) -> to
 
 
 def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(accuracy on real words, exact expected accuracy on words drawn from q0), each averaged over positions."""
+    """(accuracy on real words, exact expected accuracy on words drawn from q0), each averaged over positions.
+
+    A real word is called real when s > 0; a word drawn from q0 is called fake when s < 0, and the second number is
+    the q0-probability of all such words: no sampling. At s = 0 exactly (the untrained discriminator) both are 0,
+    since neither inequality holds."""
     real = (s.gather(-1, target.unsqueeze(-1)).squeeze(-1) > 0).float().mean()
     fake = (log_q0.exp() * (s < 0).float()).sum(-1).mean()
     return real, fake
@@ -364,7 +421,9 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
     log_q: the model's log-probabilities on the CE pass; log_q_kl: those on the pass the KL term reads (the same
     tensor, or a separate dropout-free pass; see phase 3). Sharing one log_softmax between the two terms saves a
     full pass over the (positions x vocabulary) tensor, forward and backward."""
-    # CE = -mean log q(w_real | c): the forward KL(p || q) up to the constant entropy of p
+    # CE = -mean log q(w_real | c): the forward KL(p || q) up to the constant entropy of p. It punishes q for
+    # missing a word p produces (mass-covering); the reverse KL below punishes q for mass p does not have
+    # (mode-seeking): together they pull q toward p from both sides.
     ce = F.nll_loss(log_q.flatten(0, -2), target.flatten())
     if kl_weight == 0:
         return ce, ce, torch.zeros_like(ce)
@@ -381,6 +440,14 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
 # with one interface, and one loop (`fit`) trains all three. The gradient step itself is `train_step`; `fit` adds
 # what every phase needs around it: validation and keeping the best weights, the learning-rate schedule, early
 # stopping, progress lines, and a resume point on Ctrl-C (those helpers live in Part III).
+#
+# One pass of the loop, whatever the phase:
+#     x, y = the next BPTT batch            (section 1; the hidden states carry on from the previous batch)
+#     loss = task.loss(x, y)                (the phase's objective, a mean over the 35 x 20 positions)
+#     gradient of loss, clipped, one optimizer step
+# and, every so often, task.validate() on validation text: the weights with the best score are the phase's output.
+# Keeping the best validation weights rather than the last ones is early stopping in its simplest form: a phase
+# can only hand on a model at least as good, on held-out text, as any it passed through.
 
 class Task:
     """What one phase trains, as the loop sees it.
@@ -426,6 +493,12 @@ class LoopState:
     history: list = field(default_factory=list)
 
 
+# fit is the loop above with its bookkeeping. Each pass of `while` does exactly one of four things, in this order:
+# stop for a pending Ctrl-C (after writing a resume point), validate if one is due, stop if the work is done, or
+# take one step. A resume point holds everything the next step depends on (weights, optimizer moments, loop state,
+# hidden states, the RNG state that draws the next dropout masks), so an interrupted run continues exactly as if it
+# had never stopped (a test checks the weights match).
+
 def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Tensor, cfg: LoopConfig, lr: float,
         out: Output, log: Callable[[str], None], validate_first: bool = False) -> LoopState:
     """Train `task` on the batchified `data` for cfg.epochs (or until early stopping); return the final state with
@@ -433,11 +506,14 @@ def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Te
     from it, and Ctrl-C writes it before stopping with `Interrupted`."""
     per_epoch = steps_per_epoch(data, cfg)
     total = cfg.epochs * per_epoch
+    # best: a copy of the weights at the best validation so far (None until the first validation)
     state, best = LoopState(lr=lr), None
     if (resumed := out.load_resume_point(task, optimizer)) is not None:
         state, best = resumed
         log(f"{phase} | resuming from {out.partial} at step {state.step}/{total}")
     progress = Progress(phase, total, per_epoch, cfg.log_interval, state, log)
+    # Ctrl-C only raises a flag inside this block (Part III, section 19): the step in progress always completes,
+    # so a resume point is never written half-way through an optimizer update
     with deferred_interrupt() as interrupt:
         while True:
             if interrupt.requested:
@@ -446,17 +522,22 @@ def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Te
                                   f"continue from {out.partial}")
             if evaluation_due(state, cfg, per_epoch, total, validate_first):
                 best = validate_and_keep(phase, task, optimizer, state, cfg, best, log)
+                # a resume point after every validation: even a killed process (no Ctrl-C) loses at most the
+                # steps since the last one
                 out.save_resume_point(task, optimizer, state, best)
                 continue
             if state.step >= total or state.stopped_early:
                 break
             start_of_epoch(task, optimizer, state, cfg, per_epoch)
+            # the position in the text is a function of the step alone: resuming at step k reads batch k next
             x, y = get_batch(data, (state.step % per_epoch) * cfg.bptt, cfg.bptt)
             t0 = time.time()
             shown = train_step(task, optimizer, x, y, cfg.clip)
             state.step, state.train_seconds = state.step + 1, state.train_seconds + time.time() - t0
+            # a loss of nan or inf means the weights are lost: stop with one line rather than train on garbage
             check_finite(phase, shown, state.step)
             progress.update(state, shown, x.numel())
+    # the phase's output is the model at its best validation, not wherever the last step left it
     task.model.load_state_dict(best)
     return state
 
@@ -495,7 +576,7 @@ def validate_and_keep(phase: str, task: Task, optimizer, state: LoopState, cfg: 
     rate by cfg.lr_decay (a smaller step may still find a lower loss) and, after cfg.patience validations in a
     row, stop early."""
     t0 = time.time()
-    score, metrics = task.validate()
+    score, metrics = task.validate()        # in eval mode: no dropout, the model as it will be used
     if not math.isfinite(score):
         raise LmdiscError(f"{phase}: the validation loss became {score} at step {state.step}; try a lower --lr")
     improved = score < state.best
@@ -503,9 +584,11 @@ def validate_and_keep(phase: str, task: Task, optimizer, state: LoopState, cfg: 
     state.evaluated_at = state.step
     if improved:
         state.best, state.best_step, state.bad_evals = score, state.step, 0
+        # clone: state_dict() returns the live tensors, which the next optimizer step would change in place
         best = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
     else:
         state.bad_evals += 1
+        # the plateau rule of pytorch/examples; not at step 0, where nothing has been tried yet
         if cfg.lr_decay > 1 and state.step > 0:
             set_lr(optimizer, state, state.lr / cfg.lr_decay)
         state.stopped_early = bool(cfg.patience and state.bad_evals >= cfg.patience)
@@ -518,6 +601,7 @@ def validate_and_keep(phase: str, task: Task, optimizer, state: LoopState, cfg: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, state: LoopState, lr: float) -> None:
+    """Change the learning rate in the optimizer and in the loop state (which a resume point saves)."""
     state.lr = lr
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -530,6 +614,7 @@ def stream_outputs(models: list[nn.Module], source: torch.Tensor, bptt: int):
     the rare-word analysis all read their numbers from this one stream."""
     for m in models:
         m.eval()
+    # one hidden state per model, carried down the columns exactly as in training (section 1)
     hidden = [m.init_hidden(source.size(1)) for m in models]
     for i in batch_starts(source, bptt):
         x, y = get_batch(source, i, bptt)
@@ -540,10 +625,16 @@ def stream_outputs(models: list[nn.Module], source: torch.Tensor, bptt: int):
         yield x, y, outs
 
 
-def lm_cross_entropy(model: nn.Module, source: torch.Tensor, bptt: int = 35) -> float:
+def perplexity(ce: float) -> float:
+    """exp(CE), the number reported for LMs; inf for a diverged model (whose CE would overflow exp)."""
+    return math.exp(ce) if ce < 700 else math.inf
+
+
+def lm_cross_entropy(model: nn.Module, source: torch.Tensor, bptt: int = BPTT) -> float:
     """Mean per-word cross-entropy (nats) of an LM on a batchified split; perplexity is its exp."""
     total, count = 0.0, 0
     for _, y, (logits,) in stream_outputs([model], source, bptt):
+        # summed, not averaged, per batch: the last batch is shorter, and every word must weigh the same
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     return total / count
@@ -556,12 +647,22 @@ EVAL_BATCH_SIZE = 10
 
 
 def eval_data(tokens: torch.Tensor, device: torch.device, limit: int = 0) -> torch.Tensor:
+    """A split (or its first `limit` tokens) batchified for evaluation."""
     return batchify(tokens[:limit] if limit else tokens, EVAL_BATCH_SIZE).to(device)
 
 
 # =====================================================================================================================
 # 6. Phase 1: the base model q0, trained with cross-entropy
 # =====================================================================================================================
+
+# Phase 1 is ordinary language modelling: minimise CE = -mean log q(w_real | c) over the training stream.
+# Perplexity = exp(CE) is the number reported everywhere: a model with perplexity 100 is as uncertain as if it
+# chose uniformly among 100 words at each position (the uniform model over PTB's vocabulary has 10,000).
+#
+# Minimising CE is minimising the forward KL(p || q) = E_p[log p - log q], since E_p[log p] does not depend on q:
+# q is pushed to cover every word p produces, and is punished mildly for probability it puts where p has none.
+# The paper's argument starts here: this asymmetry leaves q too flat in some contexts and, for a model that
+# generalises from counts, under-confident about rare words. Phase 3 adds the opposite direction, KL(q || p).
 
 class LMTask(Task):
     """Phase 1's loss: CE = -mean log q(w_real | c), the forward KL(p || q) up to the entropy of p."""
@@ -574,13 +675,15 @@ class LMTask(Task):
 
     def loss(self, x, y):
         self.model.train()                              # dropout on
+        # the state carried from the previous batch, detached: the gradient stops at the batch boundary
         logits, self.hidden["lm"] = self.model(x, detach_hidden(self.hidden["lm"]))
+        # CE over all 35 x 20 positions of the batch: logits (35, 20, V) against the next words y (35, 20)
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         return ce, {"ce": ce}
 
     def validate(self):
         ce = lm_cross_entropy(self.model, self.valid, self.bptt)
-        return ce, {"valid_ppl": math.exp(ce)}
+        return ce, {"valid_ppl": perplexity(ce)}
 
     def describe(self, m):
         return f"valid ppl {m['valid_ppl']:8.2f}"
@@ -589,6 +692,7 @@ class LMTask(Task):
 def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.device, log=print) -> dict:
     """Phase 1: train q0 with CE and SGD; keep the weights of best validation perplexity in RUN/lm.pt."""
     corpus = prepare_corpus(data, log)
+    # the key: everything that determines lm.pt. The same key again: "up to date"; another: refused (section 18)
     out = Output(run / "lm.pt", "lm", {"config": dataclasses.asdict(cfg), "seed": seed,
                                        "data": data_fingerprint(data)})
     if (done := out.finished(log)) is not None:
@@ -596,7 +700,8 @@ def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.
     torch.manual_seed(seed)                             # same seed, same thread count: same numbers on the CPU
     lm_text, held_out = split_holdout(corpus.train, cfg.holdout)     # holdout 0 (the paper): all of it
     model = LSTMLM(len(corpus.vocab), cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout).to(device)
-    # Plain SGD with a large rate and gradient clipping is the classic recipe for LSTM LMs on PTB (Zaremba et al.)
+    # Plain SGD with a large rate (20) and gradient clipping is the classic recipe for LSTM LMs on PTB (Zaremba et
+    # al.; pytorch/examples): with the gradient's norm clipped to 0.25, a step moves the weights by at most 5.
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     task = LMTask(model, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt)
     log(f"train | LSTM {cfg.nlayers}x{cfg.nhid}, dropout {cfg.dropout} | "
@@ -606,8 +711,8 @@ def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.
     t0 = time.time()
     state = fit("train", task, optimizer, batchify(lm_text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
     # the best validation is the validation result (same text, same weights); test is measured once, now
-    result = {"valid_ppl": round(math.exp(state.best), 3),
-              "test_ppl": round(math.exp(lm_cross_entropy(model, eval_data(corpus.test, device, cfg.eval_tokens))), 3),
+    result = {"valid_ppl": round(perplexity(state.best), 3),
+              "test_ppl": round(perplexity(lm_cross_entropy(model, eval_data(corpus.test, device, cfg.eval_tokens))), 3),
               "eval_tokens": cfg.eval_tokens, "steps": state.step, "best_step": state.best_step,
               "wall_s": round(time.time() - t0, 1)}
     if result["valid_ppl"] > len(corpus.vocab):         # worse than guessing every word with probability 1/V
@@ -620,11 +725,12 @@ def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.
 
 def evaluate_lm(model: LSTMLM, corpus: Corpus, device: torch.device) -> dict:
     """Validation and test perplexity on the whole of each split."""
-    return {f"{split}_ppl": round(math.exp(lm_cross_entropy(model, eval_data(getattr(corpus, split), device))), 3)
+    return {f"{split}_ppl": round(perplexity(lm_cross_entropy(model, eval_data(getattr(corpus, split), device))), 3)
             for split in ("valid", "test")}
 
 
 def result_line(result: dict) -> str:
+    """The one-line summary of an LM's result."""
     return f"valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f}"
 
 
@@ -634,8 +740,19 @@ def result_line(result: dict) -> str:
 # q0 is frozen in eval mode: the *dropout-free* model is the distribution the discriminator compares the data
 # with, and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), the discriminator's s for
 # every word, and L_D with the real next word against q0's exact expectation (section 4).
+#
+# How to read a phase-2 validation line (disc_line):
+#   L_D           the loss on validation text, next to chance (2 ln 2 = 1.38629): below chance = the
+#                 discriminator tells real words from q0's on text it did not learn from
+#   acc real/q0   how often it calls a real word real (s > 0) and a q0 word fake (s < 0)
+#   calib         mean log Z: 0 for an exact ratio; its size says how far s is from any consistent ratio
+#   KL(q0||p_hat) the estimated reverse KL at the start of phase 3, where q = q0: how hard phase 3 will pull
+#   ppl rescored  perplexity of p_hat itself used as a language model (an extension: "rescoring"), against base
+# The discriminator learns with Adam: unlike the LM it starts from s = 0 and has to move few parameters far (the
+# word biases, the head) from small, sparse gradients, which Adam's per-parameter step sizes handle well.
 
 class DiscTask(Task):
+    """Phase 2's loss: L_D of the discriminator, real next words against q0's prediction (q0 frozen)."""
     def __init__(self, lm: LSTMLM, disc: Discriminator, negatives: str, valid: torch.Tensor, bptt: int,
                  truth: torch.Tensor | None):
         self.lm, self.model, self.negatives = lm, disc, negatives
@@ -647,7 +764,8 @@ class DiscTask(Task):
     def loss(self, x, y):
         with torch.no_grad():                           # q0 is frozen: its forward pass needs no graph
             logits, self.hidden["lm"] = self.lm(x, self.hidden["lm"])
-            log_q0 = torch.log_softmax(logits, -1)
+            log_q0 = torch.log_softmax(logits, -1)      # (35, 20, V): q0's prediction at every position
+        # the discriminator reads the same words x and, for the low-parameter kinds, q0's prediction itself
         self.model.train()
         s, self.hidden["disc"] = self.model(x, detach_hidden(self.hidden["disc"]), log_q0)
         # "sample" (Part II's exercise): one word drawn from q0 per position instead of the exact sum
@@ -663,7 +781,7 @@ class DiscTask(Task):
 
 
 @torch.no_grad()
-def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int = 35,
+def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int = BPTT,
                  true_table: torch.Tensor | None = None) -> dict:
     """Every phase-2 diagnostic in one pass over a split: L_D, accuracies, calibration log Z, the estimated reverse
     KL(q0 || p_hat), base and rescored perplexity (rescoring: using p_hat itself as the LM, beyond the paper); on
@@ -689,11 +807,12 @@ def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int
         if true_table is not None:
             add_truth(add, true_table, x, log_q0, s)                            # Part II, section 13
     m = {k: v / n for k, v in sums.items()}
-    m["ppl_base"], m["ppl_rescored"] = math.exp(m.pop("ce_base")), math.exp(m.pop("ce_rescored"))
+    m["ppl_base"], m["ppl_rescored"] = perplexity(m.pop("ce_base")), perplexity(m.pop("ce_rescored"))
     return m
 
 
 def disc_line(m: dict) -> str:
+    """One line with every phase-2 diagnostic (how to read it: the comment at the top of this section)."""
     line = (f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f}) | acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f} | "
             f"calib {m['calibration']:+.4f} | KL(q0||p_hat) {m['kl_q0_phat']:.4f} | "
             f"ppl rescored {m['ppl_rescored']:.2f} (base {m['ppl_base']:.2f})")
@@ -706,8 +825,9 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
                    log=print) -> dict:
     """Phase 2: train the discriminator against the frozen q0 with Adam; keep the lowest validation L_D in
     RUN/NAME.pt (NAME is "disc" for the preset's settings, longer for others: see `output_name`)."""
+    # phase 1's output, or one line naming the command that makes it
     lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
-    data = Path(lm_ck["data"])
+    data = Path(lm_ck["data"])                          # the data q0 was trained on, recorded in its checkpoint
     corpus = prepare_corpus(data, log)
     out = Output(run / f"{name}.pt", "disc", {"config": dataclasses.asdict(cfg), "seed": seed,
                                               "lm": lm_ck["fingerprint"], "data": data_fingerprint(data)})
@@ -728,7 +848,8 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
         f"({text.numel():,} tokens) | negatives {cfg.negatives} | seed {seed} | device {device}")
     t0 = time.time()
     state = fit("train-disc", task, optimizer, batchify(text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
-    best = next(h for h in state.history if h["step"] == state.best_step)   # the validation result, as in phase 1
+    # the validation numbers of the kept step are the validation result (as in phase 1); test is measured once
+    best = next(h for h in state.history if h["step"] == state.best_step)
     result = {"valid_disc": {k: v for k, v in best.items() if k not in ("step", "lr")},
               "test_disc": disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)}
     result |= {"eval_tokens": cfg.eval_tokens, "steps": state.step, "kept_step": state.best_step, "wall_s": round(time.time() - t0, 1),
@@ -766,6 +887,7 @@ KL_INPUTS = ("eval", "dropout", "nodrop")
 
 
 class FinetuneTask(Task):
+    """Phase 3's loss: CE + kl_weight * KL(q || p_hat) for the KL arm; CE alone for the control (kl_weight 0)."""
     def __init__(self, q: LSTMLM, q0: LSTMLM, disc: Discriminator, kl_weight: float, kl_input: str,
                  valid: torch.Tensor, bptt: int):
         self.model, self.q0, self.disc = q, q0, disc
@@ -776,7 +898,7 @@ class FinetuneTask(Task):
                        "q0": self.q0.init_hidden(bsz), "disc": self.disc.init_hidden(bsz)}
 
     def loss(self, x, y):
-        self.model.train()
+        self.model.train()                              # the CE pass: dropout on, exactly as in phase 1
         logits, self.hidden["q"] = self.model(x, detach_hidden(self.hidden["q"]))
         log_q = torch.log_softmax(logits, -1)
         if self.kl_weight == 0:                         # the control: plain CE, no frozen passes needed
@@ -786,6 +908,7 @@ class FinetuneTask(Task):
             logits0, self.hidden["q0"] = self.q0(x, self.hidden["q0"])
             log_q0 = torch.log_softmax(logits0, -1)
             s, self.hidden["disc"] = self.disc(x, self.hidden["disc"], log_q0)
+        # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, self.kl_pass(x, log_q), log_q0, s, self.kl_weight)
         return loss, {"ce": ce, "kl": kl}
 
@@ -801,7 +924,7 @@ class FinetuneTask(Task):
 
     def validate(self):
         ce = lm_cross_entropy(self.model, self.valid, self.bptt)
-        return ce, {"valid_ppl": math.exp(ce)}
+        return ce, {"valid_ppl": perplexity(ce)}
 
     def describe(self, m):
         return f"valid ppl {m['valid_ppl']:8.2f}"
@@ -828,6 +951,10 @@ def kl_on_both_passes(task: FinetuneTask, data: torch.Tensor, bptt: int, batches
     n = min(batches, len(batch_starts(data, bptt)))
     return sums[0] / n, sums[1] / n
 
+
+# Choosing the learning rate: `--lr 1e-4,3e-4` runs each arm once per rate; each arm keeps the rate with the best
+# validation perplexity, and only that model's test perplexity is measured. Choosing on test instead would make the
+# test number part of the training, and the comparison of the arms meaningless.
 
 def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """Adam, the default: --lr 1e-4 is an Adam-sized step. SGD is kept for the comparison the presets record."""
@@ -857,6 +984,7 @@ def finetune_arm(arm: str, lr: float, base: FinetuneInputs, cfg: FinetuneConfig,
         return done["result"]
     torch.manual_seed(seed)                             # same seed for both arms: same dropout masks
     model_config = base.lm_ck["model_config"] | ({"dropout": 0.0} if cfg.kl_input == "nodrop" else {})
+    # q starts as an exact copy of q0; q0 itself stays frozen beside it as the anchor of p_hat
     q = LSTMLM(**model_config).to(device)
     q.load_state_dict(base.lm_ck["model"])
     task = FinetuneTask(q, base.q0, base.disc, cfg.kl_weight if arm == "kl" else 0.0, cfg.kl_input, base.valid,
@@ -869,12 +997,17 @@ def finetune_arm(arm: str, lr: float, base: FinetuneInputs, cfg: FinetuneConfig,
     optimizer = make_optimizer(cfg.optimizer, q, lr)
     state = fit(phase, task, optimizer, base.train_data, cfg, lr, out, log, validate_first=True)
     result = {"arm": arm, "lr": lr, "steps": state.step, "best_step": state.best_step,
-              "valid_ppl": round(math.exp(state.best), 3),
+              "valid_ppl": round(perplexity(state.best), 3),
               "ms_per_batch": round(1000 * state.train_seconds / max(state.step, 1), 1)}
     out.save_final(lm_checkpoint(q, base.corpus, out.key, result, data=base.lm_ck["data"],
                                  holdout=base.lm_ck["holdout"]))
     return result
 
+
+# run_finetune reads the two checkpoints of phases 1 and 2 (q0 and s, both frozen from here on), checks that s was
+# trained against exactly this q0 (a ratio log p - log q0 means nothing for another q0), then runs the arms. The
+# first two rows of its table come from phase 2: q0 itself, and p_hat used directly as a model ("rescoring"); the
+# last two are the fine-tuned models. The method works when the CE + KL row beats the CE-only row.
 
 def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, seed: int, device: torch.device,
                  arms: tuple[str, ...] = ("ce", "kl"), log=print) -> dict:
@@ -898,7 +1031,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
         best = min(sweep, key=lambda r: r["valid_ppl"])                     # chosen on validation, never on test
         model = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
         chosen[arm] = best | {"checkpoint": f"{arm}-lr{best['lr']:g}.pt", "sweep": sweep,
-                              "test_ppl": round(math.exp(lm_cross_entropy(model, test)), 3)}
+                              "test_ppl": round(perplexity(lm_cross_entropy(model, test)), 3)}
     table = results_table(disc_ck["result"], chosen, cfg)
     log(RULE + "\n" + table + "\n" + RULE)
     result = {"key": key, "disc": str(disc_path), "arms": chosen, "table": table}
@@ -929,6 +1062,11 @@ def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig) -> str:
 # Each field is a setting of one phase. The fields a phase names in HELP are its command-line flags (section 10
 # generates them, with the help text and each preset's value); the others are fixed by the preset, and the
 # comment beside each says why. Every default lives in one place: the field's default, or the preset.
+#
+# The three dataclasses share LoopConfig (how the training loop runs) and add what their phase needs: the LM's
+# size (phase 1), the discriminator's kind and the text it learns on (phase 2), the KL weight and the pass it
+# reads (phase 3). Each is frozen and checks itself when made (__post_init__), so that a bad value on the command
+# line stops the program with one line before any work starts, and a config can never change half-way through.
 
 @dataclass(frozen=True, kw_only=True)
 class LoopConfig:
@@ -943,7 +1081,7 @@ class LoopConfig:
     decay_start: int = 0          # from this epoch on, divide the lr by lr_decay every epoch (0 = never)
     lr_decay: float = 4.0         # ...and on every validation without improvement (pytorch/examples' plateau rule)
     log_interval: int = 50        # steps between progress lines
-    bptt: int = 35                # truncated-BPTT window in words (Zaremba et al. 2014; pytorch/examples)
+    bptt: int = BPTT              # truncated-BPTT window in words (Zaremba et al. 2014; pytorch/examples)
     batch_size: int = 20          # columns of the training stream (section 1)
 
     HELP: ClassVar[dict[str, str]] = {}
@@ -1031,6 +1169,7 @@ class FinetuneConfig(LoopConfig):
 
 @dataclass(frozen=True)
 class Preset:
+    """One setting of every phase: what `--preset NAME` selects."""
     train: TrainConfig
     disc: DiscTrainConfig
     finetune: FinetuneConfig
@@ -1047,7 +1186,7 @@ PRESETS = {
         train=TrainConfig(emsize=64, nhid=64, nlayers=1, dropout=0.1, lr=20.0, max_tokens=200_000,
                           eval_tokens=20_000),
         disc=DiscTrainConfig(emsize=64, nhid=64, lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
-        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=50_000, eval_tokens=20_000, log_interval=25)),
+        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=35_000, eval_tokens=20_000, log_interval=25)),
     "small": Preset(
         train=TrainConfig(emsize=200, nhid=200, nlayers=2, dropout=0.2, lr=20.0, epochs=14, decay_start=11,
                           log_interval=200),
@@ -1065,21 +1204,28 @@ DEFAULT_SEED = 1111
 # =====================================================================================================================
 # 10. The subcommands of Part I
 # =====================================================================================================================
+# The first run of a student, in this order (the defaults are the `tiny` preset's):
+#     python lmdisc.py train                # writes runs/tiny/lm.pt
+#     python lmdisc.py train-disc           # reads it, writes runs/tiny/disc.pt
+#     python lmdisc.py finetune --lr 1e-4   # reads both, writes runs/tiny/finetune/ (the table: finetune.json)
 # train, train-disc and finetune each run one phase with the preset's settings and any flag given; they share one
 # run folder (--run, default runs/PRESET), so each finds what the one before it wrote. pipeline runs all three and
 # the rare-word analysis of Part II. A phase whose output exists for the same settings says "up to date" and
 # prints its result; one whose output exists for other settings refuses in one line.
 
 def cmd_train(args) -> None:
+    """`train`: phase 1 into RUN/lm.pt."""
     run_train(run_folder(args), phase_config(args, "train"), args.data, args.seed, pick_device(args.device))
 
 
 def cmd_train_disc(args) -> None:
+    """`train-disc`: phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
     cfg = phase_config(args, "disc")
     run_train_disc(run_folder(args), cfg, args.seed, pick_device(args.device), output_name("disc", args, cfg))
 
 
 def cmd_finetune(args) -> None:
+    """`finetune`: phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
     cfg, run = phase_config(args, "finetune"), run_folder(args)
     disc = args.disc or run / "disc.pt"
     folder = run / output_name("finetune", args, cfg, disc)
@@ -1088,6 +1234,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_pipeline(args) -> None:
+    """`pipeline`: the three phases and the rare-word analysis with the preset's settings; finished steps are
+    skipped (up to date), an interrupted one continues."""
     preset, run, device, t0 = PRESETS[args.preset], run_folder(args), pick_device(args.device), time.time()
     run_train(run, preset.train, args.data, args.seed, device)
     run_train_disc(run, preset.disc, args.seed, device)
@@ -1097,6 +1245,7 @@ def cmd_pipeline(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    """`evaluate`: perplexities of any LM checkpoint; with --disc, the phase-2 diagnostics too."""
     ck = finished_input(args.checkpoint, "lm", "python lmdisc.py train")
     corpus = prepare_corpus(Path(ck["data"]))
     device = pick_device("auto")
@@ -1107,11 +1256,12 @@ def cmd_evaluate(args) -> None:
     disc = frozen_disc(finished_input(args.disc, "disc", "python lmdisc.py train-disc"), args.disc, ck, device)
     truth = true_log_p_table(Path(ck["data"]), corpus.vocab)
     for split in ("valid", "test"):
-        m = disc_metrics(model, disc, eval_data(getattr(corpus, split), device), 35, truth)
+        m = disc_metrics(model, disc, eval_data(getattr(corpus, split), device), BPTT, truth)
         print(f"evaluate | {split} | {disc_line(m)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand, its help, and its flags (those of the phases generated from their config fields)."""
     parser = argparse.ArgumentParser(
         prog="lmdisc.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tuning of language models with a discriminator (Popov & Kudinov, arXiv:1811.04623).\n"
@@ -1167,6 +1317,7 @@ def split_holdout(train: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch
 
 
 def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
+    """The text the discriminator learns on: the LM's own (the paper) or the held-out slice."""
     if split == "train":
         return lm_text
     if held_out.numel() == 0:
@@ -1190,6 +1341,9 @@ def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor) -> torc
 
 BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)
 
+
+# BIAS_EDGES are roughly logarithmic (1, 3, 10, 30, ...): a word's frequency matters by its order of magnitude, and
+# each class then holds enough words for its one number to mean something.
 
 def count_classes(vocab_size: int, counts: torch.Tensor | None) -> torch.Tensor:
     """The class of each word for word_bias "bucket" (zeros as a placeholder when a checkpoint brings its own)."""
@@ -1237,6 +1391,7 @@ DISCRIMINATORS = {"lstm": LSTMDiscriminator, "unigram": UnigramDiscriminator, "t
 
 
 def make_discriminator(cfg: DiscTrainConfig, vocab_size: int, counts: torch.Tensor) -> Discriminator:
+    """A fresh discriminator of the kind cfg.arch names (section 3 and this section)."""
     if cfg.arch == "lstm":
         return LSTMDiscriminator(vocab_size, cfg.word_bias, counts, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout)
     return DISCRIMINATORS[cfg.arch](vocab_size, cfg.word_bias, counts)
@@ -1274,6 +1429,10 @@ def temperature_gate(disc: TemperatureDiscriminator) -> dict:
 
 SYNTHETIC_TRUTH = "synthetic_truth.pt"
 
+
+# Why a bigram truth: an LSTM can represent p(w | previous word) exactly, so q0 can in principle reach p, and the
+# true reverse KL(q0 || p) = sum_w q0(w|c) (log q0(w|c) - log T[v, w]) is computable at every position. On PTB no
+# one knows p; here the estimate KL(q0 || p_hat) of phase 2 can be checked against the truth.
 
 def bigram_table(n_words: int, successors: int, eps: float, zipf: float, gen: torch.Generator) -> torch.Tensor:
     """T[v, w] = p(w | previous token v) over n_words + 1 tokens; token 0 is <eos>, the most frequent, as in
@@ -1375,7 +1534,7 @@ def test_log_probs(nets: list[nn.Module], test: torch.Tensor) -> tuple[torch.Ten
     n = (test.size(0) - 1) * test.size(1)
     targets, logps = torch.empty(n, dtype=torch.long), torch.empty(len(nets), n)
     pos = 0
-    for _, y, outs in stream_outputs(nets, test, 35):
+    for _, y, outs in stream_outputs(nets, test, BPTT):
         k = y.numel()
         targets[pos: pos + k] = y.flatten().cpu()
         for m, logits in enumerate(outs):
@@ -1384,6 +1543,11 @@ def test_log_probs(nets: list[nn.Module], test: torch.Tensor) -> tuple[torch.Ten
         pos += k
     return targets, logps
 
+
+# run_analyze reads the base model and the models the fine-tune kept (finetune.json names them), runs all of them
+# side by side over the test text the results table used, and groups the test tokens by their word's training
+# count. Everything is done on the exact log-probability of each test token, so the per-bucket means add up, with
+# token weights, to each model's overall test cross-entropy.
 
 def run_analyze(run: Path, folder: Path, log=print) -> dict:
     """Mean test log-probability per training-frequency bucket for the base model and each fine-tuned arm, and
@@ -1420,6 +1584,11 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     return {"rows": rows, "csv": str(folder / "rare_words.csv"), "test_tokens": targets.numel(), "table": table}
 
 
+# How to read the analysis: "logp base" is the mean log-probability the base model gives the test tokens of a bucket
+# (words seen 1-9 times in training, 10-99 times...), "d control" and "d kl" how much each fine-tuned model changed
+# it. The paper's claim is a larger gain for rare words in the KL arm than in the control; the rank deciles make
+# the same comparison with word types split into ten equal groups by frequency rank.
+
 def analysis_table(rows: list[dict], names: list[str]) -> str:
     """The rows as a table, then each arm's change against the base as a bar chart."""
     head = f"{'group':>10} {'bucket':>10} {'tokens':>7} " + " ".join(f"{'logp ' + n:>14}" for n in names) + \
@@ -1442,6 +1611,9 @@ def analysis_table(rows: list[dict], names: list[str]) -> str:
 # =====================================================================================================================
 # 15. Sampling from a model
 # =====================================================================================================================
+
+# A quick look at what a model learned: sample it word by word. The hidden state after the prompt is carried on, so
+# each new word is drawn from q(. | prompt and every word drawn so far).
 
 def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: int) -> str:
     """Sample from q(w|c) word by word; temperature < 1 sharpens the distribution, > 1 flattens it."""
@@ -1466,6 +1638,7 @@ def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: 
 
 
 def add_part2_subcommands(sub) -> None:
+    """analyze, make-synthetic and generate."""
     p = sub.add_parser("analyze", help="rare words: mean test log-probability per training-frequency bucket")
     p.set_defaults(handler=lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"))
     p.add_argument("--run", type=Path, default=DEFAULT_RUNS / DEFAULT_PRESET,
@@ -1509,6 +1682,7 @@ PTB_SHA256 = {
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -1551,6 +1725,10 @@ def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] 
                 os.remove(tmp)
 
 
+# Only the default folder is downloaded into and held to the canonical checksums: any other --data folder may hold
+# any text in the same three-file format (the synthetic corpus of Part II does), and the data line says whether
+# it is the canonical PTB. Every phase's key (section 18) holds a fingerprint of the files it learned from.
+
 def ensure_data(data_dir: Path, log: Callable[[str], None] = print) -> None:
     """Make sure the three split files exist: download them into the default folder, or say what is missing.
     The default folder must hold the canonical files; another folder may hold any text in the same format."""
@@ -1582,6 +1760,7 @@ def data_fingerprint(data_dir: Path) -> str:
 
 
 def prepare_corpus(data_dir: Path, log=print) -> Corpus:
+    """Check (or fetch) the data, load it, and print one line saying what was loaded."""
     ensure_data(data_dir, log=log)
     corpus = load_corpus(data_dir)
     canonical = all((data_dir / n).exists() and sha256_of(data_dir / n) == d for n, d in PTB_SHA256.items())
@@ -1592,6 +1771,7 @@ def prepare_corpus(data_dir: Path, log=print) -> Corpus:
 
 
 def add_part3_subcommands(sub) -> None:
+    """download."""
     p = sub.add_parser("download", help="fetch Penn Treebank and verify its sha256 sums")
     p.set_defaults(handler=lambda a: download_ptb(a.data))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
@@ -1600,6 +1780,11 @@ def add_part3_subcommands(sub) -> None:
 # =====================================================================================================================
 # 17. Checkpoints: plain dicts of tensors, loadable with torch.load(path, weights_only=True)
 # =====================================================================================================================
+
+# A checkpoint is a plain dict: the weights as a state_dict, the constructor's arguments (to rebuild the model),
+# the vocabulary and its hash (to catch mixed-up data), fingerprints of the weights (a discriminator names the LM it
+# belongs to by one), the key and the result. Nothing in it needs code to load, so torch.load(path,
+# weights_only=True) reads it, and a file that would run code when loaded is refused.
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
     """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never corrupts the previous checkpoint."""
@@ -1665,6 +1850,7 @@ def lm_checkpoint(model: LSTMLM, corpus: Corpus, key: dict, result: dict, data: 
 
 
 def lm_from_checkpoint(ck: dict, device: torch.device) -> LSTMLM:
+    """Rebuild an LM from its stored constructor arguments and weights."""
     model = LSTMLM(**ck["model_config"])
     model.load_state_dict(ck["model"])
     return model.to(device)
@@ -1710,6 +1896,7 @@ def run_hint(run: Path) -> str:
 
 
 def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, then rename), beside each checkpoint for humans and other tools."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)       # a unique name: writers never collide
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
@@ -1726,6 +1913,7 @@ def write_json(path: Path, obj) -> None:
 # state to continue from (weights, optimizer, loop state, hidden states, RNG state, best weights so far).
 
 def resume_path(path: Path) -> Path:
+    """runs/tiny/lm.pt -> runs/tiny/lm.resume.pt"""
     return path.with_name(path.stem + ".resume.pt")
 
 
@@ -1735,6 +1923,7 @@ def normalised(key: dict) -> dict:
 
 
 def key_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What differs between two keys, as "config.lr 20 there, 10 here", for the refusal message."""
     diffs = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -1746,6 +1935,7 @@ def key_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class Output:
+    """One phase's output file, its key, and its resume point."""
     def __init__(self, path: Path, kind: str, key: dict):
         self.path, self.kind, self.key = path, kind, normalised(key)
         self.partial = resume_path(path)
@@ -1764,6 +1954,7 @@ class Output:
         return None
 
     def load_resume_point(self, task: Task, optimizer: torch.optim.Optimizer) -> tuple[LoopState, dict] | None:
+        """Put task and optimizer back where an interrupted run of the same key stopped; None if there is none."""
         if not self.partial.exists():
             return None
         ck = load_checkpoint(self.partial, "resume")
@@ -1780,6 +1971,8 @@ class Output:
         return LoopState(**ck["state"]), ck["best"]
 
     def save_resume_point(self, task: Task, optimizer, state: LoopState, best: dict | None) -> None:
+        """Everything the next step depends on. The RNG state is taken between two steps, so the resumed run draws
+        the very dropout masks the uninterrupted one would have drawn."""
         ck = {"kind": "resume", "key": self.key, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
               "state": dataclasses.asdict(state), "best": best, "rng": torch.get_rng_state(),
               "hidden": {k: [t.detach() for t in h] for k, h in getattr(task, "hidden", {}).items()}}
@@ -1788,6 +1981,8 @@ class Output:
         save_checkpoint(self.partial, ck)
 
     def save_final(self, ckpt: dict) -> None:
+        """The phase is done: its output (with a JSON copy of the result), and the resume point is no longer needed.
+        Only this marks a phase as finished; an interrupted phase never leaves a file that looks like an output."""
         save_checkpoint(self.path, ckpt)
         write_json(self.path.with_suffix(".json"), ckpt["result"])
         if self.partial.exists():
@@ -1842,6 +2037,7 @@ class deferred_interrupt:
 
 
 def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread (a test may train from another)."""
     import threading
     return threading.current_thread() is threading.main_thread()
 
@@ -1850,10 +2046,15 @@ RULE = "-" * 110
 
 
 def fmt_time(seconds: float) -> str:
+    """1h02m, 3m05s."""
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
+
+# Progress lines: every log_interval steps one line with the mean losses since the last line. ms/batch and tok/s
+# count the time of training steps only (not validation), so that the cost of a CE + KL step and of a CE step can
+# be compared across runs; ETA uses the wall time of this invocation.
 
 class Progress:
     """One progress-line format for every phase: epoch, step, lr, ms/batch and tok/s (training steps only, not
@@ -1872,7 +2073,7 @@ class Progress:
             return
         seconds = state.train_seconds - self.seconds_last
         rate = (state.step - self.step_start) / max(time.time() - self.t_start, 1e-9)
-        means = " | ".join(f"{k} {v / self.n:.4f}" + (f" | ppl {math.exp(min(v / self.n, 50)):8.2f}" if k == "ce"
+        means = " | ".join(f"{k} {v / self.n:.4f}" + (f" | ppl {perplexity(v / self.n):8.2f}" if k == "ce"
                                                        else "") for k, v in self.sums.items())
         self.log(f"{self.phase} | epoch {(state.step - 1) // self.per_epoch + 1:>3} | step {state.step:>6}/"
                  f"{self.total} | lr {state.lr:.3g} | {1000 * seconds / self.n:6.1f} ms/batch | "
@@ -1881,6 +2082,7 @@ class Progress:
 
 
 def check_finite(phase: str, shown: dict[str, float], step: int) -> None:
+    """Stop with one line when a loss became nan or inf."""
     if not all(math.isfinite(v) for v in shown.values()):
         raise LmdiscError(f"{phase}: the loss became {shown} at step {step}; training stopped (the last resume "
                           f"point is kept); try a lower --lr")
@@ -1891,16 +2093,19 @@ def check_finite(phase: str, shown: dict[str, float], step: int) -> None:
 # =====================================================================================================================
 
 def flag_name(field_name: str) -> str:
+    """kl_weight -> kl-weight"""
     return field_name.replace("_", "-")
 
 
 def fmt_value(v) -> str:
+    """A setting as it is typed on the command line (and as it appears in folder names)."""
     if isinstance(v, (tuple, list)):
         return ",".join(fmt_value(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:
+    """--lr 1e-4,3e-4 -> (0.0001, 0.0003); range checks happen in the config."""
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -1908,6 +2113,7 @@ def parse_lrs(text: str) -> tuple[float, ...]:
 
 
 def seed_type(text: str) -> int:
+    """A seed torch accepts: a whole number from 0 to 2**32 - 1."""
     try:
         seed = int(text)
     except ValueError:
@@ -1918,6 +2124,7 @@ def seed_type(text: str) -> int:
 
 
 def add_run_flags(p: argparse.ArgumentParser, data: bool) -> None:
+    """The flags every phase subcommand shares: which preset, which run folder, data, seed, device."""
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
                    help="sizes and schedules of every phase: tiny = a first look in about a minute on 2 CPU cores; "
                         "small = a 2x200 LSTM, about an hour on 2 cores; medium = for a GPU (default: tiny)")
@@ -1932,6 +2139,10 @@ def add_run_flags(p: argparse.ArgumentParser, data: bool) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to compute; auto picks CUDA when a GPU is visible (default: auto)")
 
+
+# Flags are generated from the config fields: a phase's HELP names the fields a student may set, the preset supplies
+# the default, and argparse's default stays None so that phase_config can tell "given" from "not given". The help
+# text shows each preset's value, so `--help` says what a run will use without running it.
 
 def add_config_flags(p: argparse.ArgumentParser, phase: str) -> None:
     """One flag per field named in the phase config's HELP; its default is the preset's value."""
@@ -1967,10 +2178,12 @@ def output_name(stem: str, args, cfg, disc: Path | None = None) -> str:
 
 
 def run_folder(args) -> Path:
+    """--run, or runs/PRESET."""
     return args.run or DEFAULT_RUNS / args.preset
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: the GPU when there is one, otherwise the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -1978,7 +2191,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# What reaches the user is one line: an LmdiscError (bad input, a missing step, a refused overwrite) as written; an
+# interrupt with the command that continues; anything from the system or from torch (disk full, out of memory, a
+# CUDA error) with its type and first line. Tracebacks are for bugs, and a bug is what one would then be.
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit status: 0 done, 1 an error (one line on stderr), 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

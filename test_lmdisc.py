@@ -737,3 +737,20 @@ print("peak-kb", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     assert r.returncode == 0, r.stderr[-2000:]
     before, after = map(int, r.stdout.split("peak-kb")[1].split())
     assert after - before < 400_000, (before, after)             # kB: analyze itself adds less than 0.4 GB
+
+
+def test_a_fine_tune_refuses_to_overwrite_a_run_made_from_another_discriminator(synthetic_run, tmp_path):
+    """Same folder, another discriminator: the arms' key (which holds the discriminator's fingerprint) differs."""
+    root = synthetic_run[0]
+    run = root / "run"
+    L.run_train_disc(run, dataclasses.replace(DISC, arch="unigram"), 0, CPU, name="disc-unigram", log=quiet)
+    with pytest.raises(L.LmdiscError, match="made with other settings"):
+        L.run_finetune(run, run / "finetune", FINETUNE, run / "disc-unigram.pt", 0, CPU, log=quiet)
+
+
+def test_a_diverged_training_is_an_error_not_a_result(tmp_path):
+    L.make_synthetic(tmp_path / "data", n_words=30, tokens=(5_000, 1_000, 1_000), seed=2, log=quiet)
+    with pytest.raises(L.LmdiscError, match="try a lower --lr"):
+        L.run_train(tmp_path / "run", dataclasses.replace(TRAIN, lr=1e6, epochs=1), tmp_path / "data", 0, CPU,
+                    log=quiet)
+    assert not (tmp_path / "run" / "lm.pt").exists()
