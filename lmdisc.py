@@ -711,8 +711,9 @@ def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.
     t0 = time.time()
     state = fit("train", task, optimizer, batchify(lm_text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
     # the best validation is the validation result (same text, same weights); test is measured once, now
+    test = eval_data(corpus.test, device, cfg.eval_tokens)
     result = {"valid_ppl": round(perplexity(state.best), 3),
-              "test_ppl": round(perplexity(lm_cross_entropy(model, eval_data(corpus.test, device, cfg.eval_tokens))), 3),
+              "test_ppl": round(perplexity(lm_cross_entropy(model, test)), 3),
               "eval_tokens": cfg.eval_tokens, "steps": state.step, "best_step": state.best_step,
               "wall_s": round(time.time() - t0, 1)}
     if result["valid_ppl"] > len(corpus.vocab):         # worse than guessing every word with probability 1/V
@@ -811,6 +812,15 @@ def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int
     return m
 
 
+def disc_result(state: LoopState, test: dict, cfg: DiscTrainConfig, seconds: float) -> dict:
+    """Phase 2's result: the diagnostics on validation text (those of the kept step: the same weights, the same
+    text) and on test (measured once, after training), the validation curve and the step that was kept."""
+    best = next(h for h in state.history if h["step"] == state.best_step)
+    return {"valid_disc": {k: v for k, v in best.items() if k not in ("step", "lr")}, "test_disc": test,
+            "eval_tokens": cfg.eval_tokens, "steps": state.step, "kept_step": state.best_step,
+            "wall_s": round(seconds, 1), "valid_L_D_history": [(h["step"], h["L_D"]) for h in state.history]}
+
+
 def disc_line(m: dict) -> str:
     """One line with every phase-2 diagnostic (how to read it: the comment at the top of this section)."""
     line = (f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f}) | acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f} | "
@@ -834,13 +844,16 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
     if (done := out.finished(log)) is not None:
         return done["result"]
     torch.manual_seed(seed)
+    # q0: eval mode and no gradients from here on; phase 2 only reads its predictions
     lm = frozen_lm(lm_ck, corpus, device)
+    # the text q0 learned from (all of train unless `train --holdout`), and what was held out from it (Part II)
     lm_text, held_out = split_holdout(corpus.train, lm_ck["holdout"])
     text = disc_text(cfg.split, lm_text, held_out)                      # "train" (the paper): q0's own text
     # word classes for word_bias "bucket" (Part II) are counted on the LM's text
     disc = make_discriminator(cfg, len(corpus.vocab), torch.bincount(lm_text, minlength=len(corpus.vocab)))
     disc = disc.to(device)
     optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.lr)
+    # on the synthetic corpus of Part II, the true p: validation lines then show the true KL beside the estimate
     truth = true_log_p_table(data, corpus.vocab)                        # None on real text
     task = DiscTask(lm, disc, cfg.negatives, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt, truth)
     log(f"train-disc | {cfg.arch} discriminator, word bias {cfg.word_bias} | "
@@ -848,20 +861,18 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
         f"({text.numel():,} tokens) | negatives {cfg.negatives} | seed {seed} | device {device}")
     t0 = time.time()
     state = fit("train-disc", task, optimizer, batchify(text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
-    # the validation numbers of the kept step are the validation result (as in phase 1); test is measured once
-    best = next(h for h in state.history if h["step"] == state.best_step)
-    result = {"valid_disc": {k: v for k, v in best.items() if k not in ("step", "lr")},
-              "test_disc": disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)}
-    result |= {"eval_tokens": cfg.eval_tokens, "steps": state.step, "kept_step": state.best_step, "wall_s": round(time.time() - t0, 1),
-               "valid_L_D_history": [(h["step"], h["L_D"]) for h in state.history]}
+    test = disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)
+    result = disc_result(state, test, cfg, time.time() - t0)
     for split in ("valid", "test"):
         log(f"train-disc | {split} | {disc_line(result[f'{split}_disc'])}")
     if cfg.arch == "temperature":                                       # Part II: its six numbers, readable
         result["temperature_gate"] = temperature_gate(disc)
         log(f"train-disc | learned: {result['temperature_gate']['text']}")
+    # the checkpoint names the LM it belongs to by its weights' fingerprint: phase 3 refuses any other q0
     out.save_final({"kind": "disc", "format": 2, "disc_config": disc.config, "model": disc.state_dict(),
                     "fingerprint": weights_fingerprint(disc.state_dict()), "lm_fingerprint": lm_ck["fingerprint"],
                     "vocab_hash": lm_ck["vocab_hash"], "key": out.key, "result": result})
+    log(f"train-disc | done: {out.path}" + ("" if name == "disc" else f" (for phase 3: finetune --disc {out.path})"))
     return result
 
 
@@ -1015,16 +1026,20 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     perplexity and only then measure its test perplexity. Everything goes to `folder`, named after the settings."""
     lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
     disc_ck = finished_input(disc_path, "disc", "python lmdisc.py train-disc")
-    corpus = prepare_corpus(Path(lm_ck["data"]), log)
-    q0 = frozen_lm(lm_ck, corpus, device)
-    disc = frozen_disc(disc_ck, disc_path, lm_ck, device)
-    check_writable(folder)
-    key = {"config": dataclasses.asdict(cfg), "seed": seed, "lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"]}
-    train_text = split_holdout(corpus.train, lm_ck["holdout"])[0]          # the LM's own training text
-    base = FinetuneInputs(corpus, lm_ck, q0, disc, batchify(train_text, cfg.batch_size).to(device),
-                          eval_data(corpus.valid, device, cfg.eval_tokens), key)
+    # the base and rescored rows of the table come from phase 2's result: they must be on the same text
     need(disc_ck["result"]["eval_tokens"] == cfg.eval_tokens, f"{disc_path} was evaluated on other slices of the "
                                                                f"text than this fine-tune would be")
+    corpus = prepare_corpus(Path(lm_ck["data"]), log)
+    q0 = frozen_lm(lm_ck, corpus, device)
+    disc = frozen_disc(disc_ck, disc_path, lm_ck, device)               # refused unless trained against this q0
+    check_writable(folder)
+    # everything that determines an arm's output; each arm's key adds its name and lr
+    key = {"config": dataclasses.asdict(cfg), "seed": seed, "lm": lm_ck["fingerprint"],
+           "disc": disc_ck["fingerprint"]}
+    # both arms learn on the LM's own training text (the held-out slice, if any, stays the discriminator's)
+    train_text = split_holdout(corpus.train, lm_ck["holdout"])[0]
+    base = FinetuneInputs(corpus, lm_ck, q0, disc, batchify(train_text, cfg.batch_size).to(device),
+                          eval_data(corpus.valid, device, cfg.eval_tokens), key)
     chosen, test = {}, eval_data(corpus.test, device, cfg.eval_tokens)
     for arm in arms:
         sweep = [finetune_arm(arm, lr, base, cfg, folder, seed, device, log) for lr in cfg.lr]
@@ -1032,6 +1047,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
         model = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
         chosen[arm] = best | {"checkpoint": f"{arm}-lr{best['lr']:g}.pt", "sweep": sweep,
                               "test_ppl": round(perplexity(lm_cross_entropy(model, test)), 3)}
+    # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
     table = results_table(disc_ck["result"], chosen, cfg)
     log(RULE + "\n" + table + "\n" + RULE)
     result = {"key": key, "disc": str(disc_path), "arms": chosen, "table": table}
@@ -1088,6 +1104,9 @@ class LoopConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __post_init__(self):
+        # Every value is checked when the config is made, before any data is read: a bad flag is one line and an
+        # exit status of 1, never a traceback minutes later or a run that "succeeds" with a meaningless setting
+        # (an lr of 0 or nan, zero epochs, a negative weight).
         lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
         need(len(lrs) > 0 and all(math.isfinite(v) and v > 0 for v in lrs), f"--lr must be positive and finite, "
                                                                             f"got {','.join(map(str, lrs))}")
@@ -1104,6 +1123,7 @@ class LoopConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(LoopConfig):
     """Phase 1: the base LM and how it learns."""
+    # the LSTM's size (section 2): every preset sets these, so they have no default here
     emsize: int
     nhid: int
     nlayers: int
@@ -1124,14 +1144,17 @@ class TrainConfig(LoopConfig):
 @dataclass(frozen=True, kw_only=True)
 class DiscTrainConfig(LoopConfig):
     """Phase 2: the discriminator and how it learns."""
-    arch: str = "lstm"
-    word_bias: str = "word"
+    arch: str = "lstm"            # the paper's kind (section 3); Part II adds "unigram" and "temperature"
+    word_bias: str = "word"       # one b_w per word, the paper's; "bucket" (Part II) shares one per count class
+    # The LSTM discriminator's size: one layer, as large as the LM's embedding. On `small`, 1x200 with dropout 0.5,
+    # 1x100, and dropout 0.2 all ended at chance level on validation text (L_D 1.38631, 1.38609, 1.38657 against
+    # 1.38629; logs/README.md): its size is not what limits it there, where it learns is (Part II).
     emsize: int = 200
     nhid: int = 200
     nlayers: int = 1
     dropout: float = 0.5
-    split: str = "train"
-    negatives: str = "exact"
+    split: str = "train"          # the LM's own training text, as in the paper; "holdout" (Part II)
+    negatives: str = "exact"      # the exact sum over q0; "sample" draws one word per position (an exercise)
 
     HELP: ClassVar = {"lr": "Adam learning rate",
                       "arch": "lstm: its own LSTM reads the context (the paper's kind); unigram: one log-ratio per "
@@ -1151,8 +1174,12 @@ class FinetuneConfig(LoopConfig):
     """Phase 3: both arms (CE + KL, and the CE-only control) run with these settings."""
     lr: tuple[float, ...]         # several: each is tried in both arms, the best on validation kept
     kl_weight: float = 1.0        # the paper sums the two terms
+    # The dropout trap (section 8), measured: on `small` with SGD at lr 1.0, the KL arm read on the dropout pass
+    # was the only setting behind its own control at step 100 (logs/README.md); "eval" reads a dropout-free pass.
     kl_input: str = "eval"
-    optimizer: str = "adam"       # see make_optimizer
+    # Adam: --lr is then an Adam step size (1e-4 moves each weight by about 1e-4 per step); "sgd" with lr 1.0 is
+    # the setting of the previous version's measurements (logs/README.md)
+    optimizer: str = "adam"
 
     HELP: ClassVar = {"lr": "Adam learning rate, or several separated by commas: each is tried in both arms and "
                             "the best on validation kept",
@@ -1228,6 +1255,7 @@ def cmd_finetune(args) -> None:
     """`finetune`: phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
     cfg, run = phase_config(args, "finetune"), run_folder(args)
     disc = args.disc or run / "disc.pt"
+    # `finetune --lr 3e-4` and `finetune` never share a folder: each run's files stay as that run left them
     folder = run / output_name("finetune", args, cfg, disc)
     arms = {"both": ("ce", "kl"), "ce": ("ce",), "kl": ("kl",)}[args.arms]
     run_finetune(run, folder, cfg, disc, args.seed, pick_device(args.device), arms)
@@ -1237,6 +1265,8 @@ def cmd_pipeline(args) -> None:
     """`pipeline`: the three phases and the rare-word analysis with the preset's settings; finished steps are
     skipped (up to date), an interrupted one continues."""
     preset, run, device, t0 = PRESETS[args.preset], run_folder(args), pick_device(args.device), time.time()
+    # the same functions the single-phase subcommands call, with the preset's settings: a pipeline and the three
+    # commands by hand produce the same files, and either can finish what the other started
     run_train(run, preset.train, args.data, args.seed, device)
     run_train_disc(run, preset.disc, args.seed, device)
     run_finetune(run, run / "finetune", preset.finetune, run / "disc.pt", args.seed, device)
@@ -1268,6 +1298,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "First run: train, train-disc, then finetune --lr 1e-4 (or all of it: pipeline).",
         epilog="Run `python lmdisc.py SUBCOMMAND --help` for the flags of each step.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    # the three phases and the pipeline share the run flags; each phase adds the flags of its config (section 9)
     for name, run, text in [("train", cmd_train, "phase 1: train the base LSTM language model q0 with CE"),
                             ("train-disc", cmd_train_disc, "phase 2: train the discriminator against the frozen q0"),
                             ("finetune", cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only "
@@ -1561,27 +1592,37 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     names = ["base"] + [{"ce": "control", "kl": "kl"}[a] for a in arms]
     cks = [lm_ck] + [load_checkpoint(folder / r["checkpoint"], "lm") for r in arms.values()]
     test = eval_data(corpus.test, device, eval_tokens)                       # the text the results table used
+    # one pass over the test text with all models side by side: log q(token) of each, for every token
     targets, logps = test_log_probs([frozen_lm(ck, corpus, device) for ck in cks], test)
-    lm_text = split_holdout(corpus.train, lm_ck["holdout"])[0]
-    counts = torch.bincount(lm_text, minlength=len(corpus.vocab))
-    rows = []
-    for grouping, (word_bucket, labels) in (("frequency", frequency_buckets(counts)), ("rank", rank_deciles(counts))):
-        bucket = word_bucket[targets]
-        n_tok = torch.bincount(bucket, minlength=len(labels))
-        means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
-                             for lp in logps]) / n_tok.clamp(min=1)
-        for b, label in enumerate(labels):
-            if n_tok[b]:
-                row = {"grouping": grouping, "bucket": label, "tokens": int(n_tok[b])}
-                row |= {f"logp_{n}": round(float(means[m, b]), 5) for m, n in enumerate(names)}
-                row |= {f"delta_{n}": round(float(means[m, b] - means[0, b]), 5) for m, n in enumerate(names) if m}
-                rows.append(row)
+    # how often each word occurs in the text the LM learned from: "rare" means rare for this LM
+    counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
+    rows = bucket_rows("frequency", *frequency_buckets(counts), targets, logps, names) + \
+        bucket_rows("rank", *rank_deciles(counts), targets, logps, names)
     with open(folder / "rare_words.csv", "w") as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
     table = analysis_table(rows, names)
     log(table)
     return {"rows": rows, "csv": str(folder / "rare_words.csv"), "test_tokens": targets.numel(), "table": table}
+
+
+def bucket_rows(grouping: str, word_bucket: torch.Tensor, labels: list[str], targets: torch.Tensor,
+                logps: torch.Tensor, names: list[str]) -> list[dict]:
+    """One row per non-empty bucket: its token count, each model's mean log-probability, each arm's change."""
+    bucket = word_bucket[targets]                       # the bucket of each test token is its word's bucket
+    n_tok = torch.bincount(bucket, minlength=len(labels))
+    # per model, the sum of log q over the tokens of each bucket (in float64: tens of thousands of terms), / count
+    means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
+                         for lp in logps]) / n_tok.clamp(min=1)
+    rows = []
+    for b, label in enumerate(labels):
+        if n_tok[b]:
+            row = {"grouping": grouping, "bucket": label, "tokens": int(n_tok[b])}
+            row |= {f"logp_{n}": round(float(means[m, b]), 5) for m, n in enumerate(names)}
+            # the change against the base model (row 0): what the fine-tune did to this bucket
+            row |= {f"delta_{n}": round(float(means[m, b] - means[0, b]), 5) for m, n in enumerate(names) if m}
+            rows.append(row)
+    return rows
 
 
 # How to read the analysis: "logp base" is the mean log-probability the base model gives the test tokens of a bucket
@@ -1689,6 +1730,10 @@ def sha256_of(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+# A file already present is kept only if its sha256 matches; one that does not (changed by hand, cut short, a
+# different preprocessing) is replaced, and if the replacement cannot be fetched, the message says that the
+# existing file is the problem.
 
 def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] = PTB_SHA256,
                  timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
@@ -1811,8 +1856,10 @@ def load_checkpoint(path: Path | str, kind: str) -> dict:
     if not path.is_file():
         raise LmdiscError(f"checkpoint {path} does not exist")
     try:
+        # map_location cpu: a checkpoint written on a GPU loads anywhere; the caller moves the model to its device
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, a pickle with code in it, a text file...
+        # torch's message runs over many lines; the one that says why (e.g. "Unsupported global: ...") is kept whole
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "Unpickler error" in line), lines[0])
         raise LmdiscError(f"{path} is not a readable lmdisc checkpoint ({reason})") from None
@@ -1820,6 +1867,7 @@ def load_checkpoint(path: Path | str, kind: str) -> dict:
         raise LmdiscError(f"{path} is not an lmdisc checkpoint (no 'kind' field)")
     if ckpt["kind"] != kind:
         raise LmdiscError(f"{path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
+    # every field the program will read, checked here: a damaged file is one line, never a KeyError later
     missing = [k for k in REQUIRED[kind] if k not in ckpt]
     if missing:
         raise LmdiscError(f"{path} lacks {', '.join(missing)}: damaged, or written by an older lmdisc")
@@ -1948,8 +1996,9 @@ class Output:
             if ck["key"] == self.key:
                 log(f"{self.path} is up to date (same settings, seed, data and inputs)")
                 return ck
-            raise LmdiscError(f"{self.path} was made with other settings ({'; '.join(key_difference(ck['key'], self.key)[:3])}); "
-                              f"choose another --run folder, or delete it to make it again")
+            differences = "; ".join(key_difference(ck["key"], self.key)[:3])
+            raise LmdiscError(f"{self.path} was made with other settings ({differences}); choose another --run "
+                              f"folder, or delete it to make it again")
         check_writable(self.path.parent)
         return None
 
@@ -1989,6 +2038,9 @@ class Output:
             self.partial.unlink()
 
 
+# An output folder that cannot be written (read-only, a file of that name, a full disk) is found out by writing
+# a small file before any training, not at the first checkpoint after minutes of work.
+
 def check_writable(folder: Path) -> None:
     """Find out before any work whether the outputs can be written."""
     if folder.exists() and not folder.is_dir():
@@ -2013,6 +2065,11 @@ class Interrupted(Exception):
 class InterruptFlag:
     requested = False
 
+
+# Why defer Ctrl-C: Python raises KeyboardInterrupt wherever the program happens to be, possibly between two
+# tensors of one optimizer update (Adam's moments updated, the weights not yet). A resume point written from there
+# would not be a state the uninterrupted run ever passed through. With the flag, the step in progress finishes,
+# and the resume point is a state between two steps.
 
 class deferred_interrupt:
     """While training, Ctrl-C only sets a flag: the loop finishes the step it is in, writes a resume point and
@@ -2077,7 +2134,8 @@ class Progress:
                                                        else "") for k, v in self.sums.items())
         self.log(f"{self.phase} | epoch {(state.step - 1) // self.per_epoch + 1:>3} | step {state.step:>6}/"
                  f"{self.total} | lr {state.lr:.3g} | {1000 * seconds / self.n:6.1f} ms/batch | "
-                 f"{self.tokens / max(seconds, 1e-9):8.0f} tok/s | {means} | ETA {fmt_time((self.total - state.step) / rate)}")
+                 f"{self.tokens / max(seconds, 1e-9):8.0f} tok/s | {means} | "
+                 f"ETA {fmt_time((self.total - state.step) / rate)}")
         self.sums, self.n, self.tokens, self.seconds_last = {}, 0, 0, state.train_seconds
 
 
@@ -2163,6 +2221,10 @@ def phase_config(args, phase: str):
     changes = {name: getattr(args, name) for name in preset_cfg.HELP if getattr(args, name) is not None}
     return dataclasses.replace(preset_cfg, **changes)
 
+
+# Output names: phases 2 and 3 are where a student tries variants (another discriminator, another lr, another
+# seed) on the same LM, so their outputs are named after what differs from the preset, and a variant never
+# overwrites the preset's run or another variant. Phase 1 has one output per run folder: another LM is another run.
 
 def output_name(stem: str, args, cfg, disc: Path | None = None) -> str:
     """Name a phase-2 or phase-3 output after the settings that differ from the preset: "disc", "finetune" for the
