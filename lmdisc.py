@@ -247,6 +247,7 @@ class LSTMLM(nn.Module):
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
     def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, c) before any text: zeros of shape (layers, batch, nhid), on the model's device."""
         shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
         return self.decoder.bias.new_zeros(shape), self.decoder.bias.new_zeros(shape)
 
@@ -327,6 +328,7 @@ class LSTMDiscriminator(Discriminator):
         nn.init.zeros_(self.head.weight)
 
     def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The discriminator's own (h, c), carried along the text beside q0's."""
         shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
         return self.bias.new_zeros(shape), self.bias.new_zeros(shape)
 
@@ -682,6 +684,7 @@ class LMTask(Task):
         return ce, {"ce": ce}
 
     def validate(self):
+        """The score is the validation CE itself (lower is better); perplexity is what the line shows."""
         ce = lm_cross_entropy(self.model, self.valid, self.bptt)
         return ce, {"valid_ppl": perplexity(ce)}
 
@@ -774,6 +777,7 @@ class DiscTask(Task):
         return l_d, {"L_D": l_d}
 
     def validate(self):
+        """The score is L_D on validation text: the loss the discriminator minimises, on text it did not learn."""
         m = disc_metrics(self.lm, self.model, self.valid, self.bptt, self.truth)
         return m["L_D"], m
 
@@ -905,6 +909,7 @@ class FinetuneTask(Task):
         self.kl_weight, self.kl_input, self.valid, self.bptt = kl_weight, kl_input, valid, bptt
 
     def reset(self, bsz: int) -> None:
+        """Four states run along the text: q's dropout pass, q's dropout-free pass, q0, and the discriminator."""
         self.hidden = {"q": self.model.init_hidden(bsz), "q_eval": self.model.init_hidden(bsz),
                        "q0": self.q0.init_hidden(bsz), "disc": self.disc.init_hidden(bsz)}
 
@@ -934,6 +939,7 @@ class FinetuneTask(Task):
         return torch.log_softmax(logits, -1)
 
     def validate(self):
+        """The score is the validation CE itself (lower is better); perplexity is what the line shows."""
         ce = lm_cross_entropy(self.model, self.valid, self.bptt)
         return ce, {"valid_ppl": perplexity(ce)}
 
@@ -950,12 +956,15 @@ def kl_on_both_passes(task: FinetuneTask, data: torch.Tensor, bptt: int, batches
         h_drop, sums = task.model.init_hidden(data.size(1)), [0.0, 0.0]
         for i in list(batch_starts(data, bptt))[:batches]:
             x, _ = get_batch(data, i, bptt)
+            # p_hat on this batch, from the frozen q0 and discriminator (both in eval mode)
             logits0, task.hidden["q0"] = task.q0(x, task.hidden["q0"])
             log_q0 = torch.log_softmax(logits0, -1)
             s, task.hidden["disc"] = task.disc(x, task.hidden["disc"], log_q0)
+            # the same weights (q = q0 at step 0), read twice: with dropout, as the CE pass sees them...
             task.model.train()
             logits, h_drop = task.model(x, h_drop)
             sums[0] += float(reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean())
+            # ...and without, as validation, phase 2 and every later use of the model see them
             task.model.eval()
             logits, task.hidden["q_eval"] = task.model(x, task.hidden["q_eval"])
             sums[1] += float(reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean())
@@ -1002,11 +1011,15 @@ def finetune_arm(arm: str, lr: float, base: FinetuneInputs, cfg: FinetuneConfig,
                         cfg.bptt)
     phase = f"finetune[{arm} lr {lr:g}]"
     if arm == "kl":
+        # the trap, measured before the first step: the gap between the two numbers is what the dropout pass would
+        # make the KL term push against, though it has nothing to do with p
         on_dropout, on_eval = kl_on_both_passes(task, base.train_data, cfg.bptt)
         log(f"{phase} | at step 0 KL(q||p_hat) read on a pass with dropout: {on_dropout:.4f}, on a dropout-free "
             f"pass of the same weights: {on_eval:.4f} (= KL(q0||p_hat)); this arm reads the {cfg.kl_input} pass")
     optimizer = make_optimizer(cfg.optimizer, q, lr)
+    # validate_first: the untouched q0 is validated and kept as "best" before any step
     state = fit(phase, task, optimizer, base.train_data, cfg, lr, out, log, validate_first=True)
+    # ms_per_batch counts training steps only: the cost of a CE + KL step against a CE step, in the same run
     result = {"arm": arm, "lr": lr, "steps": state.step, "best_step": state.best_step,
               "valid_ppl": round(perplexity(state.best), 3),
               "ms_per_batch": round(1000 * state.train_seconds / max(state.step, 1), 1)}
@@ -1066,6 +1079,7 @@ def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig) -> str:
     names = {"ce": "CE-only control", "kl": f"CE + {cfg.kl_weight:g} KL(q || p_hat) (phase 3)"}
     rows += [(f"{names[a]}, {cfg.optimizer} lr {r['lr']:g}", r["valid_ppl"], r["test_ppl"], r["ms_per_batch"])
              for a, r in chosen.items()]
+    # a table says on which text it was measured when that is not the whole of each split (the `tiny` preset)
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
     lines = [f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {vp:.2f} | {tp:.2f} | {'' if ms is None else f'{ms:.1f}'} |" for name, vp, tp, ms in rows]
@@ -1392,6 +1406,7 @@ class UnigramDiscriminator(Discriminator):
         self.config["arch"] = "unigram"
 
     def forward(self, x, hidden, log_q0):
+        """The same s for every position: b broadcast to (seq_len, batch, V) without copying."""
         return self.word_term().expand(*x.shape, -1), hidden
 
 
@@ -1482,6 +1497,7 @@ def bigram_table(n_words: int, successors: int, eps: float, zipf: float, gen: to
 def make_synthetic(out: Path, n_words: int = 200, successors: int = 5, eps: float = 0.1, zipf: float = 1.1,
                    tokens: tuple[int, int, int] = (200_000, 20_000, 20_000), seed: int = 0, log=print) -> None:
     """Write ptb.{train,valid,test}.txt (same format as PTB) and the true bigram table to `out`."""
+    # its own generator: the corpus depends on `seed` alone, not on anything drawn before
     gen = torch.Generator().manual_seed(seed)
     words = [EOS] + [f"w{i}" for i in range(1, n_words + 1)]
     table = bigram_table(n_words, successors, eps, zipf, gen)
@@ -1499,6 +1515,7 @@ def make_synthetic(out: Path, n_words: int = 200, successors: int = 5, eps: floa
             else:
                 sentence.append(words[prev])
         split_path(out, split).write_text("".join(lines))
+    # the truth travels with the text: any run on this folder finds it and prints the true KL beside its estimate
     save_checkpoint(out / SYNTHETIC_TRUTH, {"kind": "synthetic-truth", "words": words, "table": table})
     log(f"synthetic | wrote {out}: {n_words} words + {EOS}, {successors} favourite successors, eps {eps}, "
         f"Zipf {zipf}, {tokens} tokens; train on it with `--data {out}`")
@@ -1514,6 +1531,7 @@ def true_log_p_table(data_dir: Path, vocab: list[str]) -> torch.Tensor | None:
     missing = [w for w in vocab if w not in index]
     if missing or len(vocab) != len(index):
         raise LmdiscError(f"{path} does not match the corpus vocabulary (e.g. {missing[:3]}); regenerate it")
+    # the corpus vocabulary lists words in order of first appearance, the table in its own order: re-index both axes
     order = torch.tensor([index[w] for w in vocab])
     return truth["table"][order][:, order].log().float()
 
@@ -1668,10 +1686,12 @@ def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: 
     need(not unknown, f"prompt words not in the vocabulary: {' '.join(unknown)}")
     gen = torch.Generator().manual_seed(seed)
     hidden, out = model.init_hidden(1), list(prompt_words) if prompt else []
+    # the whole prompt is read in one call (a batch of one column); then one word at a time
     x = torch.tensor([[word2idx[w]] for w in prompt_words])
     with torch.no_grad():
         for _ in range(words):
             logits, hidden = model(x, hidden)
+            # the last position's logits, divided by the temperature, then softmax: q(w | everything so far)
             w = int(torch.multinomial(F.softmax(logits[-1, 0] / temperature, dim=-1), 1, generator=gen))
             out.append(ck["vocab"][w])
             x = torch.tensor([[w]])
@@ -1750,11 +1770,13 @@ def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] 
             stale = f"; the existing {final} fails its sha256 check ({got[:12]}... instead of {expected[:12]}...)"
             log(f"download | {final} fails its sha256 check: fetching a fresh copy")
         url = base_url + name
+        # a temporary file in the destination folder itself: the final rename is then atomic (same file system)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                 while block := response.read(1 << 20):
                     out.write(block)
+            # only a file whose every byte matches the published sum ever gets the final name
             got = sha256_of(Path(tmp))
             if got != expected:
                 raise LmdiscError(f"{url}: sha256 {got[:16]}... does not match the expected {expected[:16]}...; "
@@ -1766,7 +1788,7 @@ def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] 
                               f"ptb.valid.txt and ptb.test.txt into {dest} by hand (sha256 sums in ptb/README.md)") \
                 from None
         finally:
-            if os.path.exists(tmp):
+            if os.path.exists(tmp):                     # whatever happened, no .part file is left behind
                 os.remove(tmp)
 
 
@@ -1778,16 +1800,19 @@ def ensure_data(data_dir: Path, log: Callable[[str], None] = print) -> None:
     """Make sure the three split files exist: download them into the default folder, or say what is missing.
     The default folder must hold the canonical files; another folder may hold any text in the same format."""
     default = data_dir.resolve() == DEFAULT_DATA.resolve()
+    # a folder given with --data must exist: it is never created (or filled) behind the user's back
     if not default and not data_dir.is_dir():
         raise LmdiscError(f"data folder {data_dir} does not exist (`python lmdisc.py make-synthetic --out "
                           f"{data_dir}` writes a synthetic corpus there)")
     missing = [split_path(data_dir, s).name for s in SPLITS if not split_path(data_dir, s).exists()]
+    # the first run of a fresh clone: the default folder is empty, so fetch the files (one message if offline)
     if default and len(missing) == len(SPLITS):
         log(f"data | {data_dir} has no PTB files yet: downloading them first")
         download_ptb(data_dir, log=log)
     elif missing:
         raise LmdiscError(f"{data_dir} lacks {', '.join(missing)}; run `python lmdisc.py download --data {data_dir}` "
                           f"or copy the files there by hand")
+    # the default folder is only ever PTB: a changed or damaged file there is an error, never silently trained on
     if default:
         for name, expected in PTB_SHA256.items():
             if sha256_of(data_dir / name) != expected:
@@ -1798,6 +1823,7 @@ def ensure_data(data_dir: Path, log: Callable[[str], None] = print) -> None:
 def data_fingerprint(data_dir: Path) -> str:
     """sha256 over the three split files (and a synthetic corpus's truth): part of every phase's key."""
     h = hashlib.sha256()
+    # a fingerprint of the bytes, not of the folder's name: the same files anywhere give the same key
     for path in [split_path(data_dir, s) for s in SPLITS] + [data_dir / SYNTHETIC_TRUTH]:
         if path.exists():
             h.update(sha256_of(path).encode())
@@ -1875,7 +1901,10 @@ def load_checkpoint(path: Path | str, kind: str) -> dict:
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 of a model's weights: a discriminator records the LM it was trained against by this value."""
+    """sha256 of a model's weights: a discriminator records the LM it was trained against by this value.
+
+    Of the weights, not of the file: the same model saved twice, or copied elsewhere, keeps its fingerprint, and any
+    change to any weight (a further epoch, another seed) gives another."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         h.update(name.encode())
@@ -1905,7 +1934,10 @@ def lm_from_checkpoint(ck: dict, device: torch.device) -> LSTMLM:
 
 
 def frozen_lm(ck: dict, corpus: Corpus, device: torch.device) -> LSTMLM:
-    """Rebuild an LM, check it matches the data, and freeze it: eval mode (no dropout) and no gradients."""
+    """Rebuild an LM, check it matches the data, and freeze it: eval mode (no dropout) and no gradients.
+
+    A model read with another vocabulary would silently score word i as some other word: the vocabulary's hash,
+    stored in every checkpoint, catches that before any number is computed."""
     if ck["vocab_hash"] != vocab_hash(corpus.vocab):
         raise LmdiscError(f"the checkpoint was trained on another vocabulary ({ck['vocab_size']} words) than the "
                           f"data in {ck['data']} ({len(corpus.vocab)} words)")
@@ -1991,6 +2023,7 @@ class Output:
     def finished(self, log) -> dict | None:
         """The stored checkpoint if this output exists for the same key; None (after checking that the folder is
         writable) if the work is still to do; an error if it exists for another key."""
+        # keys are compared as stored (normalised): a tuple of lrs and the list read back are the same key
         if self.path.exists():
             ck = load_checkpoint(self.path, self.kind)
             if ck["key"] == self.key:
@@ -2010,6 +2043,7 @@ class Output:
         if ck["key"] != self.key:
             raise LmdiscError(f"{self.partial} is an interrupted run with other settings "
                               f"({'; '.join(key_difference(ck['key'], self.key)[:3])}); delete it to start afresh")
+        # a resume point is loaded to the CPU and moved to wherever this run computes: GPU and CPU runs can share one
         device = next(task.model.parameters()).device
         task.model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -2082,6 +2116,7 @@ class deferred_interrupt:
         return self.flag
 
     def handle(self, signum, frame) -> None:
+        """The SIGINT handler: the first Ctrl-C asks the loop to stop, a second one stops at once."""
         if self.flag.requested:
             raise KeyboardInterrupt
         self.flag.requested = True
@@ -2123,6 +2158,7 @@ class Progress:
         self.sums, self.n, self.tokens = {}, 0, 0
 
     def update(self, state: LoopState, shown: dict[str, float], n_tokens: int) -> None:
+        """Add one step's losses; print a line every `interval` steps and at the end of each epoch."""
         for k, v in shown.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.n, self.tokens = self.n + 1, self.tokens + n_tokens
@@ -2219,6 +2255,7 @@ def phase_config(args, phase: str):
     """The preset's config for `phase` with the flags given on the command line."""
     preset_cfg = getattr(PRESETS[args.preset], phase)
     changes = {name: getattr(args, name) for name in preset_cfg.HELP if getattr(args, name) is not None}
+    # replace() builds a new frozen config, and its __post_init__ checks every value: a bad flag stops here
     return dataclasses.replace(preset_cfg, **changes)
 
 
@@ -2271,7 +2308,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmdiscError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError, MemoryError) as e:      # disk full, out of memory, a CUDA error...
+    except (OSError, RuntimeError, MemoryError, ArithmeticError) as e:     # disk full, out of memory, CUDA...
         text = (str(e).strip().splitlines() or [""])[0]
         print(f"error: {type(e).__name__}: {text}", file=sys.stderr)
         return 1
