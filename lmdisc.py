@@ -504,8 +504,8 @@ class LoopState:
 def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Tensor, cfg: LoopConfig, lr: float,
         out: Output, log: Callable[[str], None], validate_first: bool = False) -> LoopState:
     """Train `task` on the batchified `data` for cfg.epochs (or until early stopping); return the final state with
-    the best weights loaded into task.model. `out` holds the resume point: a run that was interrupted continues
-    from it, and Ctrl-C writes it before stopping with `Interrupted`."""
+    the best weights loaded into task.model. `out` (an Output, Part III section 18) holds the resume point: a run
+    that was interrupted continues from it, and Ctrl-C writes it before stopping with `Interrupted`."""
     per_epoch = steps_per_epoch(data, cfg)
     total = cfg.epochs * per_epoch
     # best: a copy of the weights at the best validation so far (None until the first validation)
@@ -548,6 +548,12 @@ def steps_per_epoch(data: torch.Tensor, cfg: LoopConfig) -> int:
     """Batches in one pass over the text, or fewer when cfg.max_tokens caps a pass (the `tiny` preset)."""
     n = len(batch_starts(data, cfg.bptt))
     return min(n, max(1, cfg.max_tokens // (cfg.bptt * data.size(1)))) if cfg.max_tokens else n
+
+
+def tokens_seen(data: torch.Tensor, cfg: LoopConfig, text: torch.Tensor) -> str:
+    """What a phase reads per epoch, for its first line: all of its text, or (`max_tokens`) the start of it."""
+    seen = steps_per_epoch(data, cfg) * cfg.bptt * data.size(1)
+    return f"learns on {min(seen, text.numel()):,} of {text.numel():,} tokens per epoch"
 
 
 def start_of_epoch(task: Task, optimizer, state: LoopState, cfg: LoopConfig, per_epoch: int) -> None:
@@ -707,16 +713,16 @@ def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.
     # al.; pytorch/examples): with the gradient's norm clipped to 0.25, a step moves the weights by at most 5.
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     task = LMTask(model, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt)
+    train_data = batchify(lm_text, cfg.batch_size).to(device)
     log(f"train | LSTM {cfg.nlayers}x{cfg.nhid}, dropout {cfg.dropout} | "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters | learns on {lm_text.numel():,} tokens" +
+        f"{sum(p.numel() for p in model.parameters()):,} parameters | {tokens_seen(train_data, cfg, lm_text)}" +
         (f" (the last {held_out.numel():,} are held out for phase 2)" if held_out.numel() else "") +
         f" | seed {seed} | device {device}")
     t0 = time.time()
-    state = fit("train", task, optimizer, batchify(lm_text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
+    state = fit("train", task, optimizer, train_data, cfg, cfg.lr, out, log)
     # the best validation is the validation result (same text, same weights); test is measured once, now
     test = eval_data(corpus.test, device, cfg.eval_tokens)
-    result = {"valid_ppl": round(perplexity(state.best), 3),
-              "test_ppl": round(perplexity(lm_cross_entropy(model, test)), 3),
+    result = {"valid_ppl": perplexity(state.best), "test_ppl": perplexity(lm_cross_entropy(model, test)),
               "eval_tokens": cfg.eval_tokens, "steps": state.step, "best_step": state.best_step,
               "wall_s": round(time.time() - t0, 1)}
     if result["valid_ppl"] > len(corpus.vocab):         # worse than guessing every word with probability 1/V
@@ -729,7 +735,7 @@ def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.
 
 def evaluate_lm(model: LSTMLM, corpus: Corpus, device: torch.device) -> dict:
     """Validation and test perplexity on the whole of each split."""
-    return {f"{split}_ppl": round(perplexity(lm_cross_entropy(model, eval_data(getattr(corpus, split), device))), 3)
+    return {f"{split}_ppl": perplexity(lm_cross_entropy(model, eval_data(getattr(corpus, split), device)))
             for split in ("valid", "test")}
 
 
@@ -860,11 +866,12 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
     # on the synthetic corpus of Part II, the true p: validation lines then show the true KL beside the estimate
     truth = true_log_p_table(data, corpus.vocab)                        # None on real text
     task = DiscTask(lm, disc, cfg.negatives, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt, truth)
+    train_data = batchify(text, cfg.batch_size).to(device)
     log(f"train-disc | {cfg.arch} discriminator, word bias {cfg.word_bias} | "
-        f"{sum(p.numel() for p in disc.parameters()):,} parameters | learns on {cfg.split} text "
-        f"({text.numel():,} tokens) | negatives {cfg.negatives} | seed {seed} | device {device}")
+        f"{sum(p.numel() for p in disc.parameters()):,} parameters | {cfg.split} text: "
+        f"{tokens_seen(train_data, cfg, text)} | negatives {cfg.negatives} | seed {seed} | device {device}")
     t0 = time.time()
-    state = fit("train-disc", task, optimizer, batchify(text, cfg.batch_size).to(device), cfg, cfg.lr, out, log)
+    state = fit("train-disc", task, optimizer, train_data, cfg, cfg.lr, out, log)
     test = disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)
     result = disc_result(state, test, cfg, time.time() - t0)
     for split in ("valid", "test"):
@@ -891,7 +898,8 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
 # The dropout trap. s was estimated against the dropout-free q0, so p_hat = q0 exp(s)/Z is a correction of the
 # dropout-free model. The CE pass of a dropout-trained LM runs with dropout: its q is a noisier, flatter
 # distribution than q0. Computing KL on that pass ("--kl-input dropout") compares the wrong distribution with
-# p_hat: KL(q_dropout || p_hat) is far from 0 even at step 0, and its gradient mostly sharpens q to undo the
+# p_hat: KL(q_dropout || p_hat) is larger than KL(q0 || p_hat) at step 0, before q has moved at all (the gap is the
+# dropout noise, nothing to do with p), and its gradient mostly sharpens q to undo the
 # dropout noise, a push the evaluation-mode model then over-applies. Two ways out:
 #   --kl-input eval    CE on the dropout pass as usual, KL on a second, dropout-free pass of the same weights
 #   --kl-input nodrop  dropout off for the whole fine-tune, one pass for both terms (cheapest)
@@ -1015,13 +1023,14 @@ def finetune_arm(arm: str, lr: float, base: FinetuneInputs, cfg: FinetuneConfig,
         # make the KL term push against, though it has nothing to do with p
         on_dropout, on_eval = kl_on_both_passes(task, base.train_data, cfg.bptt)
         log(f"{phase} | at step 0 KL(q||p_hat) read on a pass with dropout: {on_dropout:.4f}, on a dropout-free "
-            f"pass of the same weights: {on_eval:.4f} (= KL(q0||p_hat)); this arm reads the {cfg.kl_input} pass")
+            f"pass of the same weights: {on_eval:.4f} (q = q0 still: KL(q0||p_hat) on the first 5 training "
+            f"batches); this arm reads the {cfg.kl_input} pass")
     optimizer = make_optimizer(cfg.optimizer, q, lr)
     # validate_first: the untouched q0 is validated and kept as "best" before any step
     state = fit(phase, task, optimizer, base.train_data, cfg, lr, out, log, validate_first=True)
     # ms_per_batch counts training steps only: the cost of a CE + KL step against a CE step, in the same run
     result = {"arm": arm, "lr": lr, "steps": state.step, "best_step": state.best_step,
-              "valid_ppl": round(perplexity(state.best), 3),
+              "valid_ppl": perplexity(state.best),
               "ms_per_batch": round(1000 * state.train_seconds / max(state.step, 1), 1)}
     out.save_final(lm_checkpoint(q, base.corpus, out.key, result, data=base.lm_ck["data"],
                                  holdout=base.lm_ck["holdout"]))
@@ -1059,7 +1068,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
         best = min(sweep, key=lambda r: r["valid_ppl"])                     # chosen on validation, never on test
         model = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
         chosen[arm] = best | {"checkpoint": f"{arm}-lr{best['lr']:g}.pt", "sweep": sweep,
-                              "test_ppl": round(perplexity(lm_cross_entropy(model, test)), 3)}
+                              "test_ppl": perplexity(lm_cross_entropy(model, test))}
     # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
     table = results_table(disc_ck["result"], chosen, cfg)
     log(RULE + "\n" + table + "\n" + RULE)
@@ -1295,13 +1304,13 @@ def cmd_evaluate(args) -> None:
     device = pick_device("auto")
     model = frozen_lm(ck, corpus, device)
     if args.disc is None:
-        print(f"evaluate | {args.checkpoint} | {result_line(evaluate_lm(model, corpus, device))}")
+        print(f"evaluate | {args.checkpoint} | whole splits | {result_line(evaluate_lm(model, corpus, device))}")
         return
     disc = frozen_disc(finished_input(args.disc, "disc", "python lmdisc.py train-disc"), args.disc, ck, device)
     truth = true_log_p_table(Path(ck["data"]), corpus.vocab)
     for split in ("valid", "test"):
         m = disc_metrics(model, disc, eval_data(getattr(corpus, split), device), BPTT, truth)
-        print(f"evaluate | {split} | {disc_line(m)}")
+        print(f"evaluate | {split}, all {getattr(corpus, split).numel():,} tokens | {disc_line(m)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1603,7 +1612,8 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     each arm's change from the base; a table, a bar chart and FOLDER/rare_words.csv."""
     lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
     if not (folder / "finetune.json").exists():
-        raise LmdiscError(f"{folder / 'finetune.json'} does not exist yet: run `python lmdisc.py finetune` first")
+        raise LmdiscError(f"{folder / 'finetune.json'} does not exist yet: run `python lmdisc.py finetune"
+                          f"{run_hint(run)}` first")
     finetune = json.loads((folder / "finetune.json").read_text())
     arms, eval_tokens = finetune["arms"], finetune["key"]["config"]["eval_tokens"]
     corpus, device = prepare_corpus(Path(lm_ck["data"]), log), pick_device("auto")
@@ -1619,7 +1629,8 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     with open(folder / "rare_words.csv", "w") as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
-    table = analysis_table(rows, names)
+    where = f"the first {eval_tokens:,} test tokens" if eval_tokens else "the whole test split"
+    table = f"rare words | {folder} | on {where}, as in its results table\n" + analysis_table(rows, names)
     log(table)
     return {"rows": rows, "csv": str(folder / "rare_words.csv"), "test_tokens": targets.numel(), "table": table}
 
@@ -1962,7 +1973,9 @@ def finished_input(path: Path, kind: str, command: str) -> dict:
         hint = command + run_hint(path.parent)
         if resume_path(path).exists():
             raise LmdiscError(f"{path} is not finished (interrupted): run `{hint}` again to complete it")
-        raise LmdiscError(f"{path} does not exist yet: run `{hint}` first")
+        others = sorted(str(p) for p in path.parent.glob(f"{kind}-*.pt") if not p.name.endswith(".resume.pt"))
+        choose = f", or pass one of the others: --{kind} {' | '.join(others)}" if others else ""
+        raise LmdiscError(f"{path} does not exist yet: run `{hint}` first{choose}")
     return load_checkpoint(path, kind)
 
 
