@@ -11,7 +11,7 @@ a discriminator, trained in advance to tell the real next word from words drawn 
 estimates the density ratio p / q0; the reverse KL is computed against p_hat = q0 * exp(s) / Z.
 
 Usage. Three phases, one subcommand each; every subcommand finds the files of the one before it in the run folder
-(default runs/PRESET; the default preset is `tiny`, a first look that runs in about a minute on 2 CPU cores):
+(default runs/PRESET; the default preset is `tiny`, a first look that runs in about 90 seconds on 2 CPU cores):
 
     python lmdisc.py train                 # phase 1: the base LSTM LM q0, CE          -> runs/tiny/lm.pt
     python lmdisc.py train-disc            # phase 2: the discriminator s, q0 frozen   -> runs/tiny/disc.pt
@@ -1225,7 +1225,7 @@ class Preset:
     finetune: FinetuneConfig
 
 
-# tiny: a first look that runs in about a minute on 2 CPU cores, on slices of the text; its numbers show the
+# tiny: a first look that runs in about 90 seconds on 2 CPU cores, on slices of the text; its numbers show the
 #   mechanics, not the method's merit (a 1x64 LM that saw 200k tokens leaves much for anyone to find).
 # small: the 2x200 LSTM of pytorch/examples; on a 2-core CPU a plateau rule alone rarely fires before the time runs
 #   out, so from epoch 11 the lr is divided by 4 every epoch, where most of the final gain comes from (about an
@@ -2233,8 +2233,9 @@ def seed_type(text: str) -> int:
 def add_run_flags(p: argparse.ArgumentParser, data: bool) -> None:
     """The flags every phase subcommand shares: which preset, which run folder, data, seed, device."""
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
-                   help="sizes and schedules of every phase: tiny = a first look in about a minute on 2 CPU cores; "
-                        "small = a 2x200 LSTM, about an hour on 2 cores; medium = for a GPU (default: tiny)")
+                   help="sizes and schedules of every phase: tiny = a first look on slices of the text; small = the "
+                        "2x200 LSTM of pytorch/examples, for a CPU; medium = Zaremba et al.'s 2x650, for a GPU "
+                        "(default: tiny)")
     p.add_argument("--run", type=Path, help="the folder every phase of a run reads and writes (default: runs/PRESET)")
     if data:
         p.add_argument("--data", type=Path, default=DEFAULT_DATA,

@@ -719,7 +719,8 @@ torch.set_num_threads(1)
 root = Path({str(tmp_path)!r})
 (root / "data").mkdir()
 words = [f"w{{i}}" for i in range(9999)]
-text = lambda n: chr(10).join(" ".join(words[j] for j in torch.randint(0, 9999, (20,)).tolist()) for _ in range(n // 20))
+line = lambda: " ".join(words[j] for j in torch.randint(0, 9999, (20,)).tolist())
+text = lambda n: chr(10).join(line() for _ in range(n // 20))
 for split, body in (("train", " ".join(words)), ("valid", text(2_000)), ("test", text(60_000))):
     (root / "data" / f"ptb.{{split}}.txt").write_text(body + chr(10))
 corpus = L.load_corpus(root / "data")
