@@ -877,8 +877,9 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
     for split in ("valid", "test"):
         log(f"train-disc | {split} | {disc_line(result[f'{split}_disc'])}")
     if cfg.arch == "temperature":                                       # Part II: its six numbers, readable
-        result["temperature_gate"] = temperature_gate(disc)
+        result["temperature_gate"] = temperature_gate(disc) | temperature_profile(lm, disc, task.valid, cfg.bptt)
         log(f"train-disc | learned: {result['temperature_gate']['text']}")
+        log(f"train-disc | {result['temperature_gate']['profile']}")
     # the checkpoint names the LM it belongs to by its weights' fingerprint: phase 3 refuses any other q0
     out.save_final({"kind": "disc", "format": 2, "disc_config": disc.config, "model": disc.state_dict(),
                     "fingerprint": weights_fingerprint(disc.state_dict()), "lm_fingerprint": lm_ck["fingerprint"],
@@ -1474,6 +1475,24 @@ def temperature_gate(disc: TemperatureDiscriminator) -> dict:
     return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "word_factors": factors.tolist(), "text": text}
 
 
+@torch.no_grad()
+def temperature_profile(lm: nn.Module, disc: TemperatureDiscriminator, source: torch.Tensor, bptt: int) -> dict:
+    """a(c) where it matters: on the validation contexts, grouped by q0's entropy H(c) into its lowest, middle and
+    highest thirds. The formula alone does not say whether a is mostly positive or negative on real text."""
+    entropy, a = [], []
+    for x, _, (logits,) in stream_outputs([lm], source, bptt):
+        log_q0 = torch.log_softmax(logits, -1)
+        features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
+        entropy.append(features[..., 0].flatten())
+        a.append(disc.gate(features)[..., 0].flatten())             # the same linear map as in forward
+    entropy, a = torch.cat(entropy), torch.cat(a)
+    thirds = torch.argsort(entropy).chunk(3)                            # contexts by rising H(c)
+    means = [(float(entropy[i].mean()), float(a[i].mean())) for i in thirds]
+    text = "on validation contexts, mean a(c) where q0 is " + ", ".join(
+        f"{name} (H {h:.2f} nats) {m:+.4f}" for name, (h, m) in zip(("most sure", "in between", "least sure"), means))
+    return {"a_by_entropy_third": means, "mean_a": float(a.mean()), "profile": text + f"; overall {float(a.mean()):+.4f}"}
+
+
 # =====================================================================================================================
 # 13. A synthetic corpus whose true p(w|c) is known
 # =====================================================================================================================
@@ -1881,6 +1900,8 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
             os.remove(tmp)
 
 
+# The fields each kind of checkpoint must have: load_checkpoint checks them, so that a file from an older version
+# or a damaged one is one line naming what is missing.
 REQUIRED = {"lm": ("model_config", "model", "fingerprint", "vocab", "vocab_hash", "data", "holdout", "key", "result"),
             "disc": ("disc_config", "model", "fingerprint", "lm_fingerprint", "vocab_hash", "key", "result"),
             "resume": ("key", "model", "optimizer", "state", "best", "hidden", "rng"),
@@ -1979,6 +2000,10 @@ def finished_input(path: Path, kind: str, command: str) -> dict:
     return load_checkpoint(path, kind)
 
 
+# Messages name the exact command to run next, with the flags that point it at the same run folder: a student
+# working in runs/small or in a folder of their own is told `--preset small` or `--run DIR`, not a command that
+# would look in runs/tiny.
+
 def run_hint(run: Path) -> str:
     """The flags that point a command at `run`: nothing for the default preset's folder."""
     if run.resolve() == (DEFAULT_RUNS / DEFAULT_PRESET).resolve():
@@ -2018,6 +2043,7 @@ def normalised(key: dict) -> dict:
 def key_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
     """What differs between two keys, as "config.lr 20 there, 10 here", for the refusal message."""
     diffs = []
+    # keys nest (config.lr, config.eval_tokens): walk both, name each leaf that differs by its full path
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -2177,7 +2203,9 @@ class Progress:
         self.n, self.tokens = self.n + 1, self.tokens + n_tokens
         if self.n < self.interval and state.step % self.per_epoch and state.step < self.total:
             return
+        # the training time of the steps since the last line (LoopState.train_seconds excludes validation)
         seconds = state.train_seconds - self.seconds_last
+        # steps per second of wall time since this invocation started, validation included: what ETA needs
         rate = (state.step - self.step_start) / max(time.time() - self.t_start, 1e-9)
         means = " | ".join(f"{k} {v / self.n:.4f}" + (f" | ppl {perplexity(v / self.n):8.2f}" if k == "ce"
                                                        else "") for k, v in self.sums.items())
@@ -2187,6 +2215,9 @@ class Progress:
                  f"ETA {fmt_time((self.total - state.step) / rate)}")
         self.sums, self.n, self.tokens, self.seconds_last = {}, 0, 0, state.train_seconds
 
+
+# A non-finite loss is checked at every step, on numbers the step already produced (shown), so the check costs
+# nothing; the next line would otherwise be printed after up to log_interval steps of training on nan weights.
 
 def check_finite(phase: str, shown: dict[str, float], step: int) -> None:
     """Stop with one line when a loss became nan or inf."""
@@ -2256,10 +2287,12 @@ def add_config_flags(p: argparse.ArgumentParser, phase: str) -> None:
     """One flag per field named in the phase config's HELP; its default is the preset's value."""
     cls = type(getattr(PRESETS[DEFAULT_PRESET], phase))
     for name, text in cls.HELP.items():
+        # the value of this field in every preset: one number if all agree, "tiny 1, small 14, medium 39" if not
         values = {preset: getattr(getattr(P, phase), name) for preset, P in PRESETS.items()}
         example = values[DEFAULT_PRESET]
         shown = fmt_value(example) if len({fmt_value(v) for v in values.values()}) == 1 else \
             ", ".join(f"{k} {fmt_value(v)}" for k, v in values.items())
+        # the parser's type follows the field's: int, float, str, or a comma list for finetune's lr
         p.add_argument(f"--{flag_name(name)}", dest=name, choices=cls.CHOICES.get(name),
                        type=parse_lrs if isinstance(example, tuple) else type(example),
                        help=f"{text} (default: {shown})")

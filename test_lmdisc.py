@@ -755,3 +755,20 @@ def test_a_diverged_training_is_an_error_not_a_result(tmp_path):
         L.run_train(tmp_path / "run", dataclasses.replace(TRAIN, lr=1e6, epochs=1), tmp_path / "data", 0, CPU,
                     log=quiet)
     assert not (tmp_path / "run" / "lm.pt").exists()
+
+
+def test_temperature_profile_reports_a_at_low_middle_and_high_entropy():
+    """With a_m = 0, a(c) = a0 + a_H H(c) exactly, so in each third of the contexts mean a = a0 + a_H * mean H."""
+    torch.manual_seed(0)
+    lm = L.LSTMLM(40, 8, 8, 1, 0.0).eval()
+    disc = L.TemperatureDiscriminator(40)
+    with torch.no_grad():
+        disc.gate.weight.copy_(torch.tensor([[-0.3, 0.0], [0.0, 0.0]]))
+        disc.gate.bias.copy_(torch.tensor([0.5, 0.0]))
+    source = L.batchify(torch.randint(0, 40, (3000,)), 10)
+    profile = L.temperature_profile(lm, disc, source, 20)
+    (h1, a1), (h2, a2), (h3, a3) = profile["a_by_entropy_third"]
+    assert h1 < h2 < h3                                              # thirds by rising entropy
+    for h, a in profile["a_by_entropy_third"]:
+        assert a == pytest.approx(0.5 - 0.3 * h, abs=1e-5)
+    assert a1 > a2 > a3 and "least sure" in profile["profile"]
