@@ -822,6 +822,31 @@ def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int
     return m
 
 
+def negatives_gradient_noise(task: DiscTask, data: torch.Tensor, bptt: int, draws: int = 20) -> dict:
+    """The variance the exact sum removes, measured on the first training batch with the trained discriminator:
+    the gradient of L_D with respect to s, computed `draws` times with one sampled q0 word per position, and once
+    with the exact sum. Reported: the spread between draws relative to the gradient's size (0 for the exact sum)."""
+    x, y = get_batch(data, 0, bptt)
+    task.reset(data.size(1))
+    with torch.no_grad():
+        log_q0 = torch.log_softmax(task.lm(x, task.hidden["lm"])[0], -1)
+        s0 = task.model.eval()(x, task.hidden["disc"], log_q0)[0]
+
+    def grad(negatives: str) -> torch.Tensor:
+        s = s0.clone().requires_grad_(True)
+        discriminator_loss(s, y, log_q0, negatives, k=1).backward()
+        return s.grad
+    exact = grad("exact")
+    sampled = torch.stack([grad("sample") for _ in range(draws)])
+    # spread between draws, and how far the average of the draws is from the exact gradient (unbiased: small)
+    spread = float(sampled.std(0).norm() / exact.norm())
+    bias = float((sampled.mean(0) - exact).norm() / exact.norm())
+    return {"relative_spread": spread, "relative_bias_of_mean": bias, "draws": draws,
+            "text": f"gradient of L_D with respect to s on one batch, over {draws} draws of the q0 words: spread "
+                    f"{spread:.2f}x the gradient's size (the exact sum: 0); their mean is off the exact gradient by "
+                    f"{bias:.2f}x (unbiased: it shrinks with more draws)"}
+
+
 def disc_result(state: LoopState, test: dict, cfg: DiscTrainConfig, seconds: float) -> dict:
     """Phase 2's result: the diagnostics on validation text (those of the kept step: the same weights, the same
     text) and on test (measured once, after training), the validation curve and the step that was kept."""
@@ -876,6 +901,9 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
     result = disc_result(state, test, cfg, time.time() - t0)
     for split in ("valid", "test"):
         log(f"train-disc | {split} | {disc_line(result[f'{split}_disc'])}")
+    if cfg.negatives == "sample":                                       # exercise 2: the noise, measured
+        result["gradient_noise"] = negatives_gradient_noise(task, train_data, cfg.bptt)
+        log(f"train-disc | {result['gradient_noise']['text']}")
     if cfg.arch == "temperature":                                       # Part II: its six numbers, readable
         result["temperature_gate"] = temperature_gate(disc) | temperature_profile(lm, disc, task.valid, cfg.bptt)
         log(f"train-disc | learned: {result['temperature_gate']['text']}")

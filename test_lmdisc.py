@@ -772,3 +772,16 @@ def test_temperature_profile_reports_a_at_low_middle_and_high_entropy():
     for h, a in profile["a_by_entropy_third"]:
         assert a == pytest.approx(0.5 - 0.3 * h, abs=1e-5)
     assert a1 > a2 > a3 and "least sure" in profile["profile"]
+
+
+def test_sampled_negatives_gradient_spread_is_measured_and_its_mean_tends_to_the_exact_gradient(synthetic_run):
+    root, _, _ = synthetic_run
+    corpus = L.load_corpus(root / "data")
+    lm_ck = L.load_checkpoint(root / "run" / "lm.pt", "lm")
+    lm = L.frozen_lm(lm_ck, corpus, CPU)
+    disc = L.frozen_disc(L.load_checkpoint(root / "run" / "disc.pt", "disc"), "disc.pt", lm_ck, CPU)
+    task = L.DiscTask(lm, disc, "sample", None, 20, None)
+    noise = L.negatives_gradient_noise(task, L.batchify(corpus.train, 10), 20, draws=50)
+    # one draw per position is noisy; the mean of 50 draws is about sqrt(50) ~ 7 times closer to the exact gradient
+    assert noise["relative_spread"] > 0.1
+    assert noise["relative_bias_of_mean"] < 0.3 * noise["relative_spread"]
