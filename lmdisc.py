@@ -740,7 +740,7 @@ def evaluate_lm(model: LSTMLM, corpus: Corpus, device: torch.device) -> dict:
 
 
 def result_line(result: dict) -> str:
-    """The one-line summary of an LM's result."""
+    """The one-line summary of an LM's result: the same two numbers the run's lm.json holds."""
     return f"valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f}"
 
 
@@ -1019,6 +1019,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimi
         return torch.optim.SGD(model.parameters(), lr=lr)
     return torch.optim.Adam(model.parameters(), lr=lr)
 
+
+# What the arms share is loaded once: the frozen models, the batchified text, the key. Each arm builds only its own
+# copy of q and its optimizer, so the arms differ in nothing but the KL weight.
 
 @dataclass
 class FinetuneInputs:
@@ -1394,13 +1397,19 @@ def build_parser() -> argparse.ArgumentParser:
 # test time. The price: the LM learns from less text.
 
 def split_holdout(train: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the LM's text, the held-out slice): the last `frac` of the training stream is cut off."""
+    """(the LM's text, the held-out slice): the last `frac` of the training stream is cut off.
+
+    A contiguous slice at the end, not random sentences: the LM's text stays one unbroken stream for BPTT, and the
+    slice is as new to the LM as the validation text is."""
     cut = train.size(0) - int(round(train.size(0) * frac))
     return train[:cut], train[cut:]
 
 
 def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
-    """The text the discriminator learns on: the LM's own (the paper) or the held-out slice."""
+    """The text the discriminator learns on: the LM's own (the paper) or the held-out slice.
+
+    `--split holdout` needs an LM that held a slice out; asking for it on one that did not is one line, not a
+    discriminator silently trained on an empty text."""
     if split == "train":
         return lm_text
     if held_out.numel() == 0:
@@ -1464,10 +1473,13 @@ class TemperatureDiscriminator(Discriminator):
         nn.init.zeros_(self.gate.bias)
 
     def forward(self, x, hidden, log_q0):
+        """s for every word from q0's prediction alone: x is not read, and there is no hidden state to carry."""
         # features of q0's own prediction: entropy H(c) = -sum_w q0 log q0 and confidence max_w log q0
         features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
         a, s0 = self.gate(features).unbind(-1)
-        # s = a(c) log q0(w|c) + s0(c) + b_w
+        # s = a(c) log q0(w|c) + s0(c) + b_w. s0(c) adds the same number to every word of a context: it changes
+        # nothing in p_hat (Z absorbs it), but D needs it: if p really is q0^(1+a) exp(b) / Z(c), the exact ratio
+        # is log p - log q0 = a log q0 + b - log Z(c), so at the optimum s0(c) = -log Z(c), the normaliser
         return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.word_term(), hidden
 
 
@@ -1475,7 +1487,8 @@ DISCRIMINATORS = {"lstm": LSTMDiscriminator, "unigram": UnigramDiscriminator, "t
 
 
 def make_discriminator(cfg: DiscTrainConfig, vocab_size: int, counts: torch.Tensor) -> Discriminator:
-    """A fresh discriminator of the kind cfg.arch names (section 3 and this section)."""
+    """A fresh discriminator of the kind cfg.arch names (section 3 and this section). Only the LSTM has sizes; the
+    other kinds are fixed by the vocabulary and the word-bias choice."""
     if cfg.arch == "lstm":
         return LSTMDiscriminator(vocab_size, cfg.word_bias, counts, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout)
     return DISCRIMINATORS[cfg.arch](vocab_size, cfg.word_bias, counts)
@@ -1542,6 +1555,7 @@ def bigram_table(n_words: int, successors: int, eps: float, zipf: float, gen: to
     n = n_words + 1
     unigram = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** zipf
     unigram /= unigram.sum()
+    # every row starts as eps times the unigram (so no p(w|v) is 0), then 1 - eps is spread over v's favourites
     table = eps * unigram.expand(n, n).clone()
     for v in range(n):
         favourites = torch.multinomial(unigram, successors, replacement=False, generator=gen)
@@ -1563,6 +1577,7 @@ def make_synthetic(out: Path, n_words: int = 200, successors: int = 5, eps: floa
         # sentence; the loader appends the <eos> that ended it, as it does for PTB.
         lines, sentence, prev, drawn = [], [], 0, 0     # every split starts after an <eos> (token 0)
         while drawn < n_tokens or sentence:
+            # the next token is drawn from row `prev` of the table: p(. | previous token), exactly
             prev = int(torch.multinomial(table[prev], 1, generator=gen))
             drawn += 1
             if prev == 0:
@@ -1612,6 +1627,10 @@ def add_truth(add: Callable, true_table: torch.Tensor, x: torch.Tensor, log_q0: 
 FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 
 
+# Frequency buckets are fixed count ranges (a word seen 5 times is "1-10" in any corpus); rank deciles split the
+# vocabulary into ten equal groups of word types. The first answers "what happens to words seen a handful of
+# times", the second stays meaningful on a corpus with another size or frequency profile (the synthetic one).
+
 def bucket_labels(edges: tuple[int, ...] = FREQ_EDGES) -> list[str]:
     """Labels read "a-b" for counts in [a, b): "1-10" holds the words seen 1 to 9 times."""
     short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
@@ -1625,9 +1644,10 @@ def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES)
 
 def rank_deciles(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """Decile of each word type by frequency rank: 0 = the 10% most frequent types, 9 = the 10% rarest."""
+    # rank 0 = the most frequent word; stable, so ties keep vocabulary order and the deciles are reproducible
     order = torch.argsort(counts, descending=True, stable=True)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(counts))
+    rank[order] = torch.arange(len(counts))            # invert the permutation: word id -> its rank
     return rank * 10 // len(counts), [f"decile {d + 1}" for d in range(10)]
 
 
@@ -1643,6 +1663,8 @@ def test_log_probs(nets: list[nn.Module], test: torch.Tensor) -> tuple[torch.Ten
         k = y.numel()
         targets[pos: pos + k] = y.flatten().cpu()
         for m, logits in enumerate(outs):
+            # log q(target) = the target's logit - logsumexp of all logits: the log_softmax of one entry, without
+            # making a second (positions x vocabulary) tensor
             logps[m, pos: pos + k] = (logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) -
                                       logits.logsumexp(-1)).flatten().cpu()
         pos += k
@@ -1737,8 +1759,9 @@ def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: 
     need(math.isfinite(temperature) and temperature > 0, "--temperature must be > 0 and finite")
     need(1 <= words <= 100_000, "--words must be between 1 and 100000")
     ck = load_checkpoint(path, "lm")
-    model = lm_from_checkpoint(ck, torch.device("cpu")).eval()
-    word2idx = {w: i for i, w in enumerate(ck["vocab"])}
+    model = lm_from_checkpoint(ck, torch.device("cpu")).eval()     # eval: no dropout while sampling
+    word2idx = {w: i for i, w in enumerate(ck["vocab"])}            # the checkpoint carries its own vocabulary
+    # no prompt: start after an <eos>, as at the beginning of a sentence
     prompt_words = prompt.split() if prompt else [EOS]
     unknown = [w for w in prompt_words if w not in word2idx]
     need(not unknown, f"prompt words not in the vocabulary: {' '.join(unknown)}")
@@ -1758,17 +1781,21 @@ def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: 
 
 def add_part2_subcommands(sub) -> None:
     """analyze, make-synthetic and generate."""
+    # analyze reads a run folder like the phases do, and a fine-tune folder inside it: `finetune --lr 3e-4` wrote
+    # runs/tiny/finetune-lr-0.0003/, which `analyze --finetune runs/tiny/finetune-lr-0.0003` reads
     p = sub.add_parser("analyze", help="rare words: mean test log-probability per training-frequency bucket")
     p.set_defaults(handler=lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"))
     p.add_argument("--run", type=Path, default=DEFAULT_RUNS / DEFAULT_PRESET,
                    help=f"the run folder (default: runs/{DEFAULT_PRESET})")
     p.add_argument("--finetune", type=Path, help="the fine-tune folder to analyse (default: RUN/finetune)")
 
+    # the synthetic corpus is only ever written by this command, never as a side effect of `--data synthetic`
     p = sub.add_parser("make-synthetic", help="write a corpus drawn from a known bigram model (true p is known)")
     p.set_defaults(handler=lambda a: make_synthetic(a.out))
     p.add_argument("--out", type=Path, default=HERE / "synthetic", help="folder to write (default: synthetic/ beside "
                                                                         "lmdisc.py); then `--data` it")
 
+    # generate works on any LM checkpoint: the base model, or either arm of a fine-tune
     p = sub.add_parser("generate", help="sample text from a language model")
     p.set_defaults(handler=lambda a: print(run_generate(a.checkpoint, a.words, a.temperature, a.prompt, a.seed)))
     p.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint")
@@ -1801,7 +1828,7 @@ PTB_SHA256 = {
 
 
 def sha256_of(path: Path) -> str:
-    """The file's sha256, read in 1 MB blocks."""
+    """The file's sha256, read in 1 MB blocks (PTB's training file, 5 MB, takes a few milliseconds)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -1892,6 +1919,7 @@ def prepare_corpus(data_dir: Path, log=print) -> Corpus:
     """Check (or fetch) the data, load it, and print one line saying what was loaded."""
     ensure_data(data_dir, log=log)
     corpus = load_corpus(data_dir)
+    # said on every run, so a log shows which text its numbers came from
     canonical = all((data_dir / n).exists() and sha256_of(data_dir / n) == d for n, d in PTB_SHA256.items())
     log(f"data | {data_dir}{' (Penn Treebank, sha256 verified)' if canonical else ''}: vocabulary "
         f"{len(corpus.vocab):,} | train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | "
@@ -1918,10 +1946,12 @@ def add_part3_subcommands(sub) -> None:
 def save_checkpoint(path: Path, ckpt: dict) -> None:
     """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never corrupts the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a unique temporary name in the same folder: two writers never share it, and the rename stays atomic
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         torch.save(ckpt, tmp)
+        # os.replace is atomic: a reader sees the old file or the new one, never half of either
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1987,7 +2017,10 @@ def lm_checkpoint(model: LSTMLM, corpus: Corpus, key: dict, result: dict, data: 
 
 
 def lm_from_checkpoint(ck: dict, device: torch.device) -> LSTMLM:
-    """Rebuild an LM from its stored constructor arguments and weights."""
+    """Rebuild an LM from its stored constructor arguments and weights.
+
+    The constructor draws random initial weights first (and so uses the RNG); load_state_dict then overwrites all of
+    them. Callers that need a reproducible RNG seed it before this, as phase 3 does."""
     model = LSTMLM(**ck["model_config"])
     model.load_state_dict(ck["model"])
     return model.to(device)
@@ -2005,7 +2038,10 @@ def frozen_lm(ck: dict, corpus: Corpus, device: torch.device) -> LSTMLM:
 
 
 def frozen_disc(ck: dict, path: Path, lm_ck: dict, device: torch.device) -> Discriminator:
-    """Rebuild a discriminator and refuse it unless it was trained against exactly this LM (same weights)."""
+    """Rebuild a discriminator and refuse it unless it was trained against exactly this LM (same weights).
+
+    s estimates log p - log q0 for one particular q0: with another LM (even the same one a few steps further on)
+    p_hat = q0 exp(s) / Z would combine a ratio with a model it was never measured against."""
     if ck["vocab_hash"] != lm_ck["vocab_hash"]:
         raise LmdiscError(f"{path} was trained on another vocabulary than the LM")
     if ck["lm_fingerprint"] != lm_ck["fingerprint"]:
@@ -2042,7 +2078,9 @@ def run_hint(run: Path) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename), beside each checkpoint for humans and other tools."""
+    """Write JSON atomically (temporary file, then rename), beside each checkpoint for humans and other tools.
+
+    The temporary name is unique (mkstemp): two processes writing the same file never collide on it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)       # a unique name: writers never collide
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
@@ -2082,7 +2120,10 @@ def key_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class Output:
-    """One phase's output file, its key, and its resume point."""
+    """One phase's output file, its key, and its resume point.
+
+    The life of an output: finished() says whether the work is done (same key) or refused (other key); while the
+    work runs, load_resume_point and save_resume_point carry it across interrupts; save_final marks it done."""
     def __init__(self, path: Path, kind: str, key: dict):
         self.path, self.kind, self.key = path, kind, normalised(key)
         self.partial = resume_path(path)
@@ -2123,6 +2164,7 @@ class Output:
     def save_resume_point(self, task: Task, optimizer, state: LoopState, best: dict | None) -> None:
         """Everything the next step depends on. The RNG state is taken between two steps, so the resumed run draws
         the very dropout masks the uninterrupted one would have drawn."""
+        # the optimizer's state matters as much as the weights: Adam's moment estimates, SGD's learning rate
         ck = {"kind": "resume", "key": self.key, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
               "state": dataclasses.asdict(state), "best": best, "rng": torch.get_rng_state(),
               "hidden": {k: [t.detach() for t in h] for k, h in getattr(task, "hidden", {}).items()}}
@@ -2143,7 +2185,10 @@ class Output:
 # a small file before any training, not at the first checkpoint after minutes of work.
 
 def check_writable(folder: Path) -> None:
-    """Find out before any work whether the outputs can be written."""
+    """Find out before any work whether the outputs can be written.
+
+    Creating the folder is part of the check (a run folder appears on first use); a path that exists as a file, a
+    folder without write permission, or a full disk each become one line here."""
     if folder.exists() and not folder.is_dir():
         raise LmdiscError(f"{folder} is a file, not a folder")
     try:
@@ -2164,6 +2209,7 @@ class Interrupted(Exception):
 
 
 class InterruptFlag:
+    """Set by the signal handler, read by the training loop between steps."""
     requested = False
 
 
@@ -2264,7 +2310,8 @@ def flag_name(field_name: str) -> str:
 
 
 def fmt_value(v) -> str:
-    """A setting as it is typed on the command line (and as it appears in folder names)."""
+    """A setting as it is typed on the command line (and as it appears in folder names): 0.0001, not 1.0000e-04;
+    a list of learning rates as "0.0001,0.0003"."""
     if isinstance(v, (tuple, list)):
         return ",".join(fmt_value(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)
@@ -2279,7 +2326,9 @@ def parse_lrs(text: str) -> tuple[float, ...]:
 
 
 def seed_type(text: str) -> int:
-    """A seed torch accepts: a whole number from 0 to 2**32 - 1."""
+    """A seed torch accepts: a whole number from 0 to 2**32 - 1.
+
+    Checked by argparse itself, so `--seed -1` is the usual one-line usage error before anything runs."""
     try:
         seed = int(text)
     except ValueError:
@@ -2290,7 +2339,10 @@ def seed_type(text: str) -> int:
 
 
 def add_run_flags(p: argparse.ArgumentParser, data: bool) -> None:
-    """The flags every phase subcommand shares: which preset, which run folder, data, seed, device."""
+    """The flags every phase subcommand shares: which preset, which run folder, data, seed, device.
+
+    --data only where text is first read (train, pipeline): later phases read the data folder recorded in lm.pt,
+    so a run can never mix one corpus's LM with another corpus's text."""
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
                    help="sizes and schedules of every phase: tiny = a first look on slices of the text; small = the "
                         "2x200 LSTM of pytorch/examples, for a CPU; medium = Zaremba et al.'s 2x650, for a GPU "
@@ -2342,6 +2394,7 @@ def output_name(stem: str, args, cfg, disc: Path | None = None) -> str:
     """Name a phase-2 or phase-3 output after the settings that differ from the preset: "disc", "finetune" for the
     preset's own; "finetune-lr-0.001", "disc-arch-temperature-seed-2" for others. Runs never overwrite each other."""
     preset_cfg = getattr(PRESETS[args.preset], stem)
+    # only settings a student can change (the flags) can differ from the preset, so only they appear in names
     parts = [f"{flag_name(n)}-{fmt_value(getattr(cfg, n))}" for n in cfg.HELP
              if getattr(cfg, n) != getattr(preset_cfg, n)]
     if args.seed != DEFAULT_SEED:
@@ -2357,7 +2410,10 @@ def run_folder(args) -> Path:
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: the GPU when there is one, otherwise the CPU."""
+    """auto: the GPU when there is one, otherwise the CPU.
+
+    Asking for cuda on a machine without one is an error, not a silent fall-back to the CPU: the user should know
+    where an hour of training will run."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -2371,13 +2427,13 @@ def pick_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Exit status: 0 done, 1 an error (one line on stderr), 130 interrupted (Ctrl-C)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)           # argparse's own errors: a usage line, exit status 2
     try:
         args.handler(args)
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                           # Ctrl-C outside training, or a second one within it
         print("interrupted: stopped at once; every file written so far is intact", file=sys.stderr)
         return 130
     except LmdiscError as e:
