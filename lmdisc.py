@@ -1472,11 +1472,14 @@ class TemperatureDiscriminator(Discriminator):
         nn.init.zeros_(self.gate.weight)                # a = s0 = 0: chance level, as for the LSTM
         nn.init.zeros_(self.gate.bias)
 
+    @staticmethod
+    def features(log_q0: torch.Tensor) -> torch.Tensor:
+        """Two features of q0's own prediction: its entropy H(c) = -sum_w q0 log q0 and its confidence max_w log q0."""
+        return torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
+
     def forward(self, x, hidden, log_q0):
         """s for every word from q0's prediction alone: x is not read, and there is no hidden state to carry."""
-        # features of q0's own prediction: entropy H(c) = -sum_w q0 log q0 and confidence max_w log q0
-        features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
-        a, s0 = self.gate(features).unbind(-1)
+        a, s0 = self.gate(self.features(log_q0)).unbind(-1)
         # s = a(c) log q0(w|c) + s0(c) + b_w. s0(c) adds the same number to every word of a context: it changes
         # nothing in p_hat (Z absorbs it), but D needs it: if p really is q0^(1+a) exp(b) / Z(c), the exact ratio
         # is log p - log q0 = a log q0 + b - log Z(c), so at the optimum s0(c) = -log Z(c), the normaliser
@@ -1523,7 +1526,7 @@ def temperature_profile(lm: nn.Module, disc: TemperatureDiscriminator, source: t
     entropy, a = [], []
     for x, _, (logits,) in stream_outputs([lm], source, bptt):
         log_q0 = torch.log_softmax(logits, -1)
-        features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
+        features = disc.features(log_q0)
         entropy.append(features[..., 0].flatten())
         a.append(disc.gate(features)[..., 0].flatten())             # the same linear map as in forward
     entropy, a = torch.cat(entropy), torch.cat(a)
