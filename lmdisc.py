@@ -504,7 +504,7 @@ class LoopState:
 def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Tensor, cfg: LoopConfig, lr: float,
         out: Output, log: Callable[[str], None], validate_first: bool = False) -> LoopState:
     """Train `task` on the batchified `data` for cfg.epochs (or until early stopping); return the final state with
-    the best weights loaded into task.model. `out` (an Output, Part III section 18) holds the resume point: a run
+    the best weights loaded into task.model. `out` (an Output, Part III section 19) holds the resume point: a run
     that was interrupted continues from it, and Ctrl-C writes it before stopping with `Interrupted`."""
     per_epoch = steps_per_epoch(data, cfg)
     total = cfg.epochs * per_epoch
@@ -514,7 +514,7 @@ def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Te
         state, best = resumed
         log(f"{phase} | resuming from {out.partial} at step {state.step}/{total}")
     progress = Progress(phase, total, per_epoch, cfg.log_interval, state, log)
-    # Ctrl-C only raises a flag inside this block (Part III, section 19): the step in progress always completes,
+    # Ctrl-C only raises a flag inside this block (Part III, section 20): the step in progress always completes,
     # so a resume point is never written half-way through an optimizer update
     with deferred_interrupt() as interrupt:
         while True:
@@ -654,9 +654,14 @@ def lm_cross_entropy(model: nn.Module, source: torch.Tensor, bptt: int = BPTT) -
 EVAL_BATCH_SIZE = 10
 
 
+def tokens_for_eval(tokens: torch.Tensor, limit: int = 0) -> torch.Tensor:
+    """A split, or its first `limit` tokens: the text a preset evaluates on."""
+    return tokens[:limit] if limit else tokens
+
+
 def eval_data(tokens: torch.Tensor, device: torch.device, limit: int = 0) -> torch.Tensor:
     """A split (or its first `limit` tokens) batchified for evaluation."""
-    return batchify(tokens[:limit] if limit else tokens, EVAL_BATCH_SIZE).to(device)
+    return batchify(tokens_for_eval(tokens, limit), EVAL_BATCH_SIZE).to(device)
 
 
 # =====================================================================================================================
@@ -701,7 +706,7 @@ class LMTask(Task):
 def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.device, log=print) -> dict:
     """Phase 1: train q0 with CE and SGD; keep the weights of best validation perplexity in RUN/lm.pt."""
     corpus = prepare_corpus(data, log)
-    # the key: everything that determines lm.pt. The same key again: "up to date"; another: refused (section 18)
+    # the key: everything that determines lm.pt. The same key again: "up to date"; another: refused (section 19)
     out = Output(run / "lm.pt", "lm", {"config": dataclasses.asdict(cfg), "seed": seed,
                                        "data": data_fingerprint(data)})
     if (done := out.finished(log)) is not None:
@@ -1101,25 +1106,36 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
         model = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
         chosen[arm] = best | {"checkpoint": f"{arm}-lr{best['lr']:g}.pt", "sweep": sweep,
                               "test_ppl": perplexity(lm_cross_entropy(model, test))}
-    # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
-    table = results_table(disc_ck["result"], chosen, cfg)
-    log(RULE + "\n" + table + "\n" + RULE)
-    result = {"key": key, "disc": str(disc_path), "arms": chosen, "table": table}
+    # beyond the paper (section 15): the control with a fitted temperature, and CE + KL against the best baseline
+    baselines = None
     if len(chosen) == 2:
+        arm_models = [lm_from_checkpoint(load_checkpoint(folder / chosen[a]["checkpoint"], "lm"), device)
+                      for a in ("ce", "kl")]
+        baselines = against_baselines(*arm_models, base, tokens_for_eval(corpus.test, cfg.eval_tokens), log)
+    # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
+    table = results_table(disc_ck["result"], chosen, cfg, baselines)
+    log(RULE + "\n" + table + "\n" + RULE)
+    result = {"key": key, "disc": str(disc_path), "arms": chosen, "table": table, "baselines": baselines}
+    if len(chosen) == 2:
+        log(baselines["line"])
         result["kl_step_cost_vs_ce"] = round(chosen["kl"]["ms_per_batch"] / chosen["ce"]["ms_per_batch"], 2)
         log(f"finetune | a CE + KL step costs {result['kl_step_cost_vs_ce']:.2f}x a CE-only step | {folder}")
     write_json(folder / "finetune.json", result)
     return result
 
 
-def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig) -> str:
-    """Phase 3's markdown table: the base model, p_hat used directly, and each fine-tuned arm."""
+def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig, baselines: dict | None = None) -> str:
+    """Phase 3's markdown table: the base model, p_hat used directly, each fine-tuned arm, and (section 15) the
+    control with a temperature fitted on validation."""
     v, t = disc_result["valid_disc"], disc_result["test_disc"]
     rows = [("base q0 (phase 1)", v["ppl_base"], t["ppl_base"], None),
             ("rescored p_hat = q0 exp(s) / Z (phase 2)", v["ppl_rescored"], t["ppl_rescored"], None)]
     names = {"ce": "CE-only control", "kl": f"CE + {cfg.kl_weight:g} KL(q || p_hat) (phase 3)"}
     rows += [(f"{names[a]}, {cfg.optimizer} lr {r['lr']:g}", r["valid_ppl"], r["test_ppl"], r["ms_per_batch"])
              for a, r in chosen.items()]
+    if baselines is not None:
+        rows.insert(3, (f"CE-only control, temperature {baselines['temperature']:.3f} fitted on valid (section 15)",
+                        baselines["tempered_valid_ppl"], baselines["tempered_test_ppl"], None))
     # a table says on which text it was measured when that is not the whole of each split (the `tiny` preset)
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
     lines = [f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
@@ -1751,7 +1767,148 @@ def analysis_table(rows: list[dict], names: list[str]) -> str:
 
 
 # =====================================================================================================================
-# 15. Sampling from a model
+# 15. The strongest CE-only baseline: temperature scaling, and a paired bootstrap against it
+# =====================================================================================================================
+# Beyond the paper. A user asks one question of a fine-tuning method: is the model better than the one I would get
+# without it? The CE-only control answers "without the KL term". The cheapest thing a user could add to it is
+# temperature scaling (Guo et al. 2017): one number beta = 1/T, fitted on validation text, turns q into
+#
+#     q_beta(w|c) = q(w|c)^beta / sum_v q(v|c)^beta          (beta < 1 flattens an over-confident q, > 1 sharpens)
+#
+# This is p_hat of section 12's temperature discriminator with a(c) = beta - 1 held constant and no word term: if
+# CE + KL only matches the tempered control, a one-parameter calibration does the method's job.
+#
+# beta is fitted by minimising the cross-entropy of q_beta. With z_v = log q(v|c) and y the real next word, per
+# position
+#
+#     NLL(beta)  = -beta z_y + log sum_v exp(beta z_v)
+#     NLL'(beta) = E_{q_beta}[z] - z_y          NLL''(beta) = Var_{q_beta}[z] >= 0
+#
+# so the NLL is convex in beta, and Newton's method (beta -= NLL' / NLL'') reaches the minimum in a few passes.
+
+class Tempered(nn.Module):
+    """A frozen LM whose output is beta * log q: its log_softmax is log q_beta. It streams like any LM."""
+
+    def __init__(self, model: nn.Module, beta: float):
+        super().__init__()
+        self.model, self.beta = model, beta
+
+    def init_hidden(self, bsz: int):
+        return self.model.init_hidden(bsz)
+
+    def forward(self, x, hidden):
+        logits, hidden = self.model(x, hidden)
+        return self.beta * torch.log_softmax(logits, -1), hidden
+
+
+def temperature_moments(log_q: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+    """Summed over positions, in float64: NLL(beta), NLL'(beta), NLL''(beta) (the equations above)."""
+    z = log_q.double()
+    log_qb = torch.log_softmax(beta * z, -1)
+    qb = log_qb.exp()
+    mean = (qb * z).sum(-1, keepdim=True)                              # E_{q_beta}[z], per position
+    z_y = z.gather(-1, y.unsqueeze(-1))
+    return (-log_qb.gather(-1, y.unsqueeze(-1)).sum(), (mean - z_y).sum(),
+            (qb * (z - mean) ** 2).sum())
+
+
+@torch.no_grad()
+def fit_temperature(model: nn.Module, source: torch.Tensor, steps: int = 8, log=print) -> float:
+    """beta minimising the CE of q_beta on `source` by Newton's method, one pass over the text per step. A step
+    that raises the NLL (possible far from the minimum) is halved back toward the previous beta."""
+    beta, best = 1.0, (math.inf, 1.0)
+    for _ in range(steps):
+        total = torch.zeros(3, dtype=torch.float64)
+        for _, y, (logits,) in stream_outputs([model], source, BPTT):
+            total += torch.stack(temperature_moments(torch.log_softmax(logits, -1), y, beta))
+        nll, grad, curv = total.tolist()
+        if nll > best[0]:                                              # overshot: back off halfway
+            beta = (beta + best[1]) / 2
+            continue
+        best = (nll, beta)
+        step = grad / max(curv, 1e-12)
+        if abs(step) < 1e-4:
+            break
+        beta -= step
+    return best[1]
+
+
+# The comparison of two models on one test text is paired: both score the same sentences, and most of the variance
+# between sentences (a hard sentence is hard for both) cancels in the difference. The paired bootstrap (Koehn 2004)
+# resamples whole sentences with replacement and recomputes the ratio of the two perplexities each time; the 2.5th
+# and 97.5th percentiles of the ratio are a 95% interval. Sentences, not tokens, are resampled: the words of one
+# sentence are not independent draws.
+
+def sentence_of_targets(tokens: torch.Tensor, eos: int, bsz: int) -> torch.Tensor:
+    """The sentence number of every target, in the order test_log_probs returns them. Token k belongs to the
+    sentence its <eos> ends; batchify-ing the numbers like the tokens puts them where the targets are (the
+    targets of all batches, in stream order, are the batchified text minus its first row)."""
+    sentence = torch.cumsum(tokens == eos, 0) - (tokens == eos).long()
+    return batchify(sentence, bsz)[1:].flatten()
+
+
+def paired_bootstrap(nll_a: torch.Tensor, nll_b: torch.Tensor, sentence: torch.Tensor, draws: int = 1000,
+                     seed: int = 0) -> dict:
+    """ppl_a / ppl_b - 1 on the text, and its 95% interval over resampled sentences (negative: a is better)."""
+    n = int(sentence.max()) + 1
+    # per sentence: summed NLL of each model and its token count, in float64
+    per = torch.zeros(3, n, dtype=torch.float64)
+    for row, v in enumerate((nll_a.double(), nll_b.double(), torch.ones_like(nll_a, dtype=torch.float64))):
+        per[row].index_add_(0, sentence, v)
+    gen = torch.Generator().manual_seed(seed)          # its own generator: the interval depends on `seed` alone
+    picks = per[:, torch.randint(n, (draws, n), generator=gen)].sum(-1)          # (3, draws)
+    ratios = torch.expm1((picks[0] - picks[1]) / picks[2])
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    point = math.expm1(float((per[0].sum() - per[1].sum()) / per[2].sum()))
+    return {"change": point, "low": lo, "high": hi, "sentences": n}
+
+
+class Rescored(nn.Module):
+    """q0 and its discriminator as one streamable model: its output log q0 + s has log_softmax log p_hat."""
+
+    def __init__(self, q0: nn.Module, disc: nn.Module):
+        super().__init__()
+        self.q0, self.disc = q0, disc
+
+    def init_hidden(self, bsz: int):
+        return self.q0.init_hidden(bsz), self.disc.init_hidden(bsz)
+
+    def forward(self, x, hidden):
+        logits, h_q0 = self.q0(x, hidden[0])
+        log_q0 = torch.log_softmax(logits, -1)
+        s, h_disc = self.disc(x, hidden[1], log_q0)
+        return log_q0 + s, (h_q0, h_disc)
+
+
+# against_baselines runs after both arms of phase 3 finished. It fits the control's temperature on the validation
+# text the arms were chosen on (test stays untouched), then scores the test text with every candidate side by side,
+# and compares CE + KL with the baseline that is best *on test*: the strictest comparison the method can face.
+
+def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, test_tokens: torch.Tensor,
+                      log=print) -> dict:
+    """The tempered control's beta and perplexities, and the paired bootstrap of CE + KL against the best of the
+    control, the tempered control and rescoring."""
+    beta = fit_temperature(control, base.valid)
+    tempered = Tempered(control, beta)
+    models = {"CE-only control": control, f"CE-only control, temperature {1 / beta:.3f}": tempered,
+              "rescored p_hat": Rescored(base.q0, base.disc), "CE + KL": kl}
+    test = eval_data(test_tokens, base.valid.device)
+    targets, logps = test_log_probs(list(models.values()), test)
+    test_ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(models, logps)}
+    best = min(list(models)[:3], key=test_ppl.get)
+    sentence = sentence_of_targets(test_tokens, base.corpus.vocab.index(EOS), EVAL_BATCH_SIZE)
+    boot = paired_bootstrap(-logps[3], -logps[list(models).index(best)], sentence)
+    line = (f"finetune | CE + KL against the best CE-only baseline on test ({best}, ppl {test_ppl[best]:.2f}): "
+            f"{100 * boot['change']:+.2f}% perplexity, 95% interval {100 * boot['low']:+.2f}% .. "
+            f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)")
+    log(line)
+    return {"beta": beta, "temperature": 1 / beta, "tempered_valid_ppl": perplexity(lm_cross_entropy(tempered,
+            base.valid)), "tempered_test_ppl": test_ppl[list(models)[1]], "best_baseline": best,
+            "bootstrap": boot, "line": line}
+
+
+# =====================================================================================================================
+# 16. Sampling from a model
 # =====================================================================================================================
 
 # A quick look at what a model learned: sample it word by word. The hidden state after the prompt is carried on, so
@@ -1817,7 +1974,7 @@ def add_part2_subcommands(sub) -> None:
 # #####################################################################################################################
 
 # =====================================================================================================================
-# 16. Getting Penn Treebank, checked byte for byte
+# 17. Getting Penn Treebank, checked byte for byte
 # =====================================================================================================================
 # The files are fetched from the mirror that torchtext used and checked against these sha256 sums, so that every
 # number in this project is computed on byte-identical data.
@@ -1882,7 +2039,7 @@ def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] 
 
 # Only the default folder is downloaded into and held to the canonical checksums: any other --data folder may hold
 # any text in the same three-file format (the synthetic corpus of Part II does), and the data line says whether
-# it is the canonical PTB. Every phase's key (section 18) holds a fingerprint of the files it learned from.
+# it is the canonical PTB. Every phase's key (section 19) holds a fingerprint of the files it learned from.
 
 def ensure_data(data_dir: Path, log: Callable[[str], None] = print) -> None:
     """Make sure the three split files exist: download them into the default folder, or say what is missing.
@@ -1938,7 +2095,7 @@ def add_part3_subcommands(sub) -> None:
 
 
 # =====================================================================================================================
-# 17. Checkpoints: plain dicts of tensors, loadable with torch.load(path, weights_only=True)
+# 18. Checkpoints: plain dicts of tensors, loadable with torch.load(path, weights_only=True)
 # =====================================================================================================================
 
 # A checkpoint is a plain dict: the weights as a state_dict, the constructor's arguments (to rebuild the model),
@@ -2091,7 +2248,7 @@ def write_json(path: Path, obj) -> None:
 
 
 # =====================================================================================================================
-# 18. Outputs, keys and resume points
+# 19. Outputs, keys and resume points
 # =====================================================================================================================
 # Each phase writes one output (a checkpoint) together with its *key*: everything that determines it (settings,
 # seed, the data's fingerprint, the fingerprints of the checkpoints it read). Run again with the same key, the
@@ -2204,7 +2361,7 @@ def check_writable(folder: Path) -> None:
 
 
 # =====================================================================================================================
-# 19. Interrupts, progress lines, numbers that went wrong
+# 20. Interrupts, progress lines, numbers that went wrong
 # =====================================================================================================================
 
 class Interrupted(Exception):
@@ -2304,7 +2461,7 @@ def check_finite(phase: str, shown: dict[str, float], step: int) -> None:
 
 
 # =====================================================================================================================
-# 20. Command-line plumbing: flags from the config fields, checks, the entry point
+# 21. Command-line plumbing: flags from the config fields, checks, the entry point
 # =====================================================================================================================
 
 def flag_name(field_name: str) -> str:

@@ -504,6 +504,77 @@ def test_download_over_a_tampered_file_says_so(tmp_path):
         L.download_ptb(tmp_path, base_url=(tmp_path / "nowhere").as_uri() + "/", log=quiet)
 
 
+# ------------------------------------------------------------------- the strongest baseline (section 15) ------
+
+class TableLM(torch.nn.Module):
+    """A bigram "LM" with fixed logits: q(.|c) = softmax(table[previous word]). No state to carry."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def init_hidden(self, bsz):
+        return ()
+
+    def forward(self, x, hidden):
+        return self.table[x], hidden
+
+
+def test_temperature_moments_are_the_derivatives_of_the_nll():
+    """NLL'(beta) and NLL''(beta) of section 15 against autograd of a float64 NLL written out by hand."""
+    g = torch.Generator().manual_seed(3)
+    log_q, y = random_log_probs(7, 5, 12, generator=g), torch.randint(12, (7, 5), generator=g)
+    beta = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    nll = lambda b: sum(-b * log_q[i, j, y[i, j]] + torch.logsumexp(b * log_q[i, j], 0)
+                        for i in range(7) for j in range(5))
+    d1, = torch.autograd.grad(nll(beta), beta, create_graph=True)
+    d2, = torch.autograd.grad(d1, beta)
+    got = L.temperature_moments(log_q, y, 0.8)
+    for a, b in zip(got, (nll(beta), d1, d2)):
+        assert float(a) == pytest.approx(b.item(), rel=1e-9)
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    """Text drawn from q^0.6 (normalised) of a fixed bigram model q: fitting beta on it must find 0.6."""
+    g = torch.Generator().manual_seed(5)
+    V, n = 20, 60_000
+    table = torch.randn(V, V, generator=g) * 2
+    true = torch.softmax(0.6 * torch.log_softmax(table, -1), -1)
+    words = [0]
+    for u in torch.rand(n, generator=g).tolist():          # a Markov chain from the true, flatter distribution
+        words.append(min(int(torch.searchsorted(true[words[-1]].cumsum(0), torch.tensor(u))), V - 1))
+    beta = L.fit_temperature(TableLM(table), L.batchify(torch.tensor(words), 10), log=quiet)
+    assert beta == pytest.approx(0.6, abs=0.02)
+
+
+def test_sentences_of_targets_follow_the_stream_order():
+    """Every target's sentence number, as test_log_probs orders the targets, against a token-by-token walk."""
+    eos = 0
+    tokens = torch.tensor([3, 4, 0, 5, 0, 6, 7, 8, 0, 9, 0, 2, 2, 0, 1, 0, 4, 4, 0, 0, 5, 6])
+    source = L.batchify(tokens, 3)
+    got = L.sentence_of_targets(tokens, eos, 3)
+    sentence_at = [sum(int(t == eos) for t in tokens[:k]) for k in range(len(tokens))]
+    rows = source.size(0)
+    # source[r, j] is token j * rows + r; the targets in stream order are source[1:] read row by row
+    want = [sentence_at[j * rows + r] for r in range(1, rows) for j in range(3)]
+    assert got.tolist() == want
+
+
+def test_paired_bootstrap_is_exact_for_a_constant_gap_and_zero_for_a_model_against_itself():
+    g = torch.Generator().manual_seed(2)
+    nll = torch.rand(500, generator=g, dtype=torch.float64) * 6
+    sentence = torch.arange(500) // 7
+    same = L.paired_bootstrap(nll, nll, sentence)
+    assert same["change"] == 0 and same["low"] == 0 and same["high"] == 0
+    # every token 0.01 nats better: the perplexity ratio is exp(-0.01) whatever sentences are drawn
+    gap = L.paired_bootstrap(nll - 0.01, nll, sentence)
+    for k in ("change", "low", "high"):
+        assert gap[k] == pytest.approx(math.expm1(-0.01), rel=1e-9)
+    # noise around the same model: the interval holds the point estimate
+    noisy = L.paired_bootstrap(nll + 0.1 * torch.randn(500, generator=g, dtype=torch.float64), nll, sentence)
+    assert noisy["low"] < noisy["change"] < noisy["high"] and noisy["sentences"] == 72
+
+
 # ------------------------------------------------------------------------- end to end on a synthetic corpus ------
 
 def quiet(_):
@@ -529,11 +600,12 @@ def synthetic_run(tmp_path_factory):
     return root, ft, an
 
 
-def test_finetune_writes_a_table_with_four_rows(synthetic_run):
+def test_finetune_writes_a_table_with_five_rows(synthetic_run):
     root, ft, _ = synthetic_run
     rows = ft["table"].splitlines()[2:]
-    names = ["base q0", "rescored p_hat = q0 exp(s) / Z", "CE-only control", "CE + 1 KL(q || p_hat)"]
-    assert len(rows) == 4 and all(row.startswith(f"| {name}") for row, name in zip(rows, names))
+    names = ["base q0", "rescored p_hat = q0 exp(s) / Z", "CE-only control, adam", "CE-only control, temperature",
+             "CE + 1 KL(q || p_hat)"]
+    assert len(rows) == 5 and all(row.startswith(f"| {name}") for row, name in zip(rows, names))
     assert json.loads((root / "run" / "finetune" / "finetune.json").read_text())["table"] == ft["table"]
     assert all(math.isfinite(ft["arms"][a]["test_ppl"]) for a in ("ce", "kl"))
 
