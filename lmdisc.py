@@ -888,28 +888,30 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
     lm = frozen_lm(lm_ck, corpus, device)
     # the text q0 learned from (all of train unless `train --holdout`), and what was held out from it (Part II)
     lm_text, held_out = split_holdout(corpus.train, lm_ck["holdout"])
-    text = disc_text(cfg.split, lm_text, held_out)                      # "train" (the paper): q0's own text
+    text = disc_text(cfg.split, lm_text, held_out, corpus.valid)        # "train" (the paper): q0's own text
+    valid, valid_name = validation_text(cfg.split, corpus.valid)        # all of valid, unless it learns on half
     # word classes for word_bias "bucket" (Part II) are counted on the LM's text
     disc = make_discriminator(cfg, len(corpus.vocab), torch.bincount(lm_text, minlength=len(corpus.vocab)))
     disc = disc.to(device)
     optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.lr)
     # on the synthetic corpus of Part II, the true p: validation lines then show the true KL beside the estimate
     truth = true_log_p_table(data, corpus.vocab)                        # None on real text
-    task = DiscTask(lm, disc, cfg.negatives, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt, truth)
+    task = DiscTask(lm, disc, cfg.negatives, eval_data(valid, device, cfg.eval_tokens), cfg.bptt, truth)
     train_data = batchify(text, cfg.batch_size).to(device)
     log(f"train-disc | {cfg.arch} discriminator, word bias {cfg.word_bias} | "
         f"{sum(p.numel() for p in disc.parameters()):,} parameters | {cfg.split} text: "
-        f"{tokens_seen(train_data, cfg, text)} | negatives {cfg.negatives} | seed {seed} | device {device}")
+        f"{tokens_seen(train_data, cfg, text)} | validates on {valid_name} | negatives {cfg.negatives} | "
+        f"seed {seed} | device {device}")
     t0 = time.time()
     state = fit("train-disc", task, optimizer, train_data, cfg, cfg.lr, out, log)
     test = disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)
-    result = disc_result(state, test, cfg, time.time() - t0)
+    result = disc_result(state, test, cfg, time.time() - t0) | {"valid_text": valid_name}
     for split in ("valid", "test"):
         log(f"train-disc | {split} | {disc_line(result[f'{split}_disc'])}")
     if cfg.negatives == "sample":                                       # exercise 2: the noise, measured
         result["gradient_noise"] = negatives_gradient_noise(task, train_data, cfg.bptt)
         log(f"train-disc | {result['gradient_noise']['text']}")
-    if cfg.arch == "temperature":                                       # Part II: its six numbers, readable
+    if isinstance(disc, TemperatureDiscriminator):                      # Part II: its few numbers, readable
         result["temperature_gate"] = temperature_gate(disc) | temperature_profile(lm, disc, task.valid, cfg.bptt)
         log(f"train-disc | learned: {result['temperature_gate']['text']}")
         log(f"train-disc | {result['temperature_gate']['profile']}")
@@ -1097,8 +1099,10 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
            "disc": disc_ck["fingerprint"]}
     # both arms learn on the LM's own training text (the held-out slice, if any, stays the discriminator's)
     train_text = split_holdout(corpus.train, lm_ck["holdout"])[0]
+    # validation: all of valid, or the half a discriminator of section 11 did not learn on
+    valid = validation_text(disc_ck["key"]["config"]["split"], corpus.valid)[0]
     base = FinetuneInputs(corpus, lm_ck, q0, disc, batchify(train_text, cfg.batch_size).to(device),
-                          eval_data(corpus.valid, device, cfg.eval_tokens), key)
+                          eval_data(valid, device, cfg.eval_tokens), key)
     chosen, test = {}, eval_data(corpus.test, device, cfg.eval_tokens)
     for arm in arms:
         sweep = [finetune_arm(arm, lr, base, cfg, folder, seed, device, log) for lr in cfg.lr]
@@ -1111,7 +1115,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     if len(chosen) == 2:
         arm_models = [lm_from_checkpoint(load_checkpoint(folder / chosen[a]["checkpoint"], "lm"), device)
                       for a in ("ce", "kl")]
-        baselines = against_baselines(*arm_models, base, tokens_for_eval(corpus.test, cfg.eval_tokens), log)
+        baselines = against_baselines(*arm_models, base, tokens_for_eval(corpus.test, cfg.eval_tokens))
     # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
     table = results_table(disc_ck["result"], chosen, cfg, baselines)
     log(RULE + "\n" + table + "\n" + RULE)
@@ -1128,17 +1132,19 @@ def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig, baseline
     """Phase 3's markdown table: the base model, p_hat used directly, each fine-tuned arm, and (section 15) the
     control with a temperature fitted on validation."""
     v, t = disc_result["valid_disc"], disc_result["test_disc"]
+    valid_name = disc_result.get("valid_text", "valid")          # "second half of valid" after --split valid-a
     rows = [("base q0 (phase 1)", v["ppl_base"], t["ppl_base"], None),
             ("rescored p_hat = q0 exp(s) / Z (phase 2)", v["ppl_rescored"], t["ppl_rescored"], None)]
     names = {"ce": "CE-only control", "kl": f"CE + {cfg.kl_weight:g} KL(q || p_hat) (phase 3)"}
     rows += [(f"{names[a]}, {cfg.optimizer} lr {r['lr']:g}", r["valid_ppl"], r["test_ppl"], r["ms_per_batch"])
              for a, r in chosen.items()]
     if baselines is not None:
-        rows.insert(3, (f"CE-only control, temperature {baselines['temperature']:.3f} fitted on valid (section 15)",
+        rows.insert(3, (f"CE-only control, temperature {baselines['temperature']:.3f} fitted on {valid_name} "
+                        f"(section 15)",
                         baselines["tempered_valid_ppl"], baselines["tempered_test_ppl"], None))
     # a table says on which text it was measured when that is not the whole of each split (the `tiny` preset)
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
-    lines = [f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
+    lines = [f"| model | {valid_name} ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {vp:.2f} | {tp:.2f} | {'' if ms is None else f'{ms:.1f}'} |" for name, vp, tp, ms in rows]
     return "\n".join(lines)
 
@@ -1224,20 +1230,24 @@ class DiscTrainConfig(LoopConfig):
     nhid: int = 200
     nlayers: int = 1
     dropout: float = 0.5
-    split: str = "train"          # the LM's own training text, as in the paper; "holdout" (Part II)
+    split: str = "train"          # the LM's own training text, as in the paper; "holdout", "valid-a/b" (Part II)
     negatives: str = "exact"      # the exact sum over q0; "sample" draws one word per position (an exercise)
 
     HELP: ClassVar = {"lr": "Adam learning rate",
+                      "epochs": "passes over the text it learns on (a small text, such as half of valid, needs "
+                                "several)",
                       "arch": "lstm: its own LSTM reads the context (the paper's kind); unigram: one log-ratio per "
-                              "word; temperature: reshapes q0 as q0^(1+a(c)) exp(b_w) (Part II)",
+                              "word; temperature: reshapes q0 as q0^(1+a(c)) exp(b_w); recency: temperature, and "
+                              "how often w occurred in the last 100 words (Part II)",
                       "word_bias": "the per-word term b_w: word = one number per word (the paper's); bucket = one "
                                    "per class of words of similar training count (Part II)",
                       "split": "the text it learns on: train = the LM's own training text (the paper); holdout = "
-                               "the slice `train --holdout` kept away from the LM (Part II)",
+                               "the slice `train --holdout` kept away from the LM; valid-a / valid-b = the first / "
+                               "second half of valid, the other half then validating phases 2 and 3 (Part II)",
                       "negatives": "exact: the sum over all words weighted by q0; sample: one word drawn from q0 "
                                    "per position, to see the variance the exact sum removes"}
-    CHOICES: ClassVar = {"arch": ("lstm", "unigram", "temperature"), "word_bias": ("word", "bucket"),
-                         "split": ("train", "holdout"), "negatives": ("exact", "sample")}
+    CHOICES: ClassVar = {"arch": ("lstm", "unigram", "temperature", "recency"), "word_bias": ("word", "bucket"),
+                         "split": ("train", "holdout", "valid-a", "valid-b"), "negatives": ("exact", "sample")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1421,17 +1431,42 @@ def split_holdout(train: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch
     return train[:cut], train[cut:]
 
 
-def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
-    """The text the discriminator learns on: the LM's own (the paper) or the held-out slice.
+def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The text the discriminator learns on: the LM's own (the paper), the held-out slice, or half of validation.
 
     `--split holdout` needs an LM that held a slice out; asking for it on one that did not is one line, not a
     discriminator silently trained on an empty text."""
     if split == "train":
         return lm_text
+    if split in VALID_HALVES:
+        return valid_halves(valid)[VALID_HALVES.index(split)]
     if held_out.numel() == 0:
         raise LmdiscError("--split holdout needs an LM trained with `train --holdout F` (F > 0); this one saw all "
                           "the training text")
     return held_out
+
+
+# A third place to learn, where the LM keeps all its training text: the validation text, cross-fitted (section 15
+# compares it with the strongest CE-only baseline). The discriminator learns on one half (`--split valid-a` or
+# `valid-b`); the other half then stands in for the validation text everywhere after it: phase 2's early stopping,
+# phase 3's lr choice and early stopping. No choice is then made on text the discriminator learned from, and the
+# test text stays untouched. A discriminator of section 12 (17 parameters) cannot memorise 37,000 tokens.
+
+VALID_HALVES = ("valid-a", "valid-b")
+
+
+def valid_halves(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and the second half of the validation stream."""
+    return valid[: valid.size(0) // 2], valid[valid.size(0) // 2:]
+
+
+def validation_text(split: str, valid: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The text phases 2 and 3 validate on, and its name: all of valid, unless the discriminator learned on half
+    of it; then the other half."""
+    if split not in VALID_HALVES:
+        return valid, "valid"
+    other = 1 - VALID_HALVES.index(split)
+    return valid_halves(valid)[other], ("first", "second")[other] + " half of valid"
 
 
 # =====================================================================================================================
@@ -1502,7 +1537,54 @@ class TemperatureDiscriminator(Discriminator):
         return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.word_term(), hidden
 
 
-DISCRIMINATORS = {"lstm": LSTMDiscriminator, "unigram": UnigramDiscriminator, "temperature": TemperatureDiscriminator}
+# One more thing an LSTM LM is known to get wrong on new text: words recur. A word used in the last hundred words is
+# far likelier than its usual probability, and an LSTM under-predicts that (a neural cache on top of the LM takes
+# PTB from 57.3 to 52.8 for AWD-LSTM, Grave et al. 2017). The recency design adds two numbers for it to the
+# temperature design:
+#
+#     s(c, w) = a(c) log q0(w|c) + s0(c) + b_w + r_seen [n_L(c, w) > 0] + r_count log(1 + n_L(c, w))
+#
+# where n_L(c, w) counts w among the last L words of the context. Its state, carried along the text like an
+# LSTM's, is the last L word ids of each column; 19 parameters in all with one b per count class.
+
+RECENCY_WINDOW = 100
+
+
+class RecencyDiscriminator(TemperatureDiscriminator):
+    """The temperature design plus r_seen and r_count: how much more (or less) likely a word is when it occurred in
+    the last RECENCY_WINDOW words, and when it occurred often there."""
+
+    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None):
+        super().__init__(vocab_size, word_bias, counts)
+        self.config["arch"] = "recency"
+        self.recency = nn.Parameter(torch.zeros(2))     # [r_seen, r_count]: 0 = the temperature design
+
+    def init_hidden(self, bsz: int) -> tuple[torch.Tensor]:
+        """The last words of each column (-1: none yet, at the start of the text)."""
+        return (torch.full((RECENCY_WINDOW, bsz), -1, dtype=torch.long, device=self.bias.device),)
+
+    @staticmethod
+    def recent_counts(window: torch.Tensor, x: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n_L(c, w) for every position of x and every word, and the window to carry on. At position t the
+        context's last L words are the L ids ending with x_t itself (the word just read)."""
+        ids = torch.cat([window, x])                                    # (L + seq_len, batch)
+        recent = ids.unfold(0, window.size(0), 1)[1:]                   # (seq_len, batch, L)
+        # count with one extra slot for the -1 "no word yet" entries, dropped after
+        slots = torch.where(recent >= 0, recent, vocab_size)
+        counts = torch.zeros(*x.shape, vocab_size + 1, device=x.device).scatter_add_(
+            -1, slots, torch.ones(slots.shape, device=x.device))           # small whole numbers: exact in float32
+        return counts[..., :vocab_size], ids[-window.size(0):]
+
+    def forward(self, x, hidden, log_q0):
+        s, _ = super().forward(x, (), log_q0)
+        counts, window = self.recent_counts(hidden[0], x, log_q0.size(-1))
+        r_seen, r_count = self.recency
+        counts = counts.to(s.dtype)
+        return s + r_seen * (counts > 0).to(s.dtype) + r_count * torch.log1p(counts), (window,)
+
+
+DISCRIMINATORS = {"lstm": LSTMDiscriminator, "unigram": UnigramDiscriminator, "temperature": TemperatureDiscriminator,
+                  "recency": RecencyDiscriminator}
 
 
 def make_discriminator(cfg: DiscTrainConfig, vocab_size: int, counts: torch.Tensor) -> Discriminator:
@@ -1527,6 +1609,10 @@ def temperature_gate(disc: TemperatureDiscriminator) -> dict:
     a0 = disc.gate.bias[0].item()
     factors = disc.bias.detach().exp()
     text = f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
+    if isinstance(disc, RecencyDiscriminator):
+        r_seen, r_count = disc.recency.tolist()
+        text += (f"; a word among the last {RECENCY_WINDOW}: r_seen {r_seen:+.4f}, r_count {r_count:+.4f} "
+                 f"(seen once: x{math.exp(r_seen + r_count * math.log(2)):.2f})")
     if disc.config["word_bias"] == "bucket":            # one factor exp(b) per class of training counts
         pairs = zip(bucket_labels(BIAS_EDGES), factors.tolist())
         text += "; exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in pairs)
@@ -1884,8 +1970,7 @@ class Rescored(nn.Module):
 # text the arms were chosen on (test stays untouched), then scores the test text with every candidate side by side,
 # and compares CE + KL with the baseline that is best *on test*: the strictest comparison the method can face.
 
-def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, test_tokens: torch.Tensor,
-                      log=print) -> dict:
+def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, test_tokens: torch.Tensor) -> dict:
     """The tempered control's beta and perplexities, and the paired bootstrap of CE + KL against the best of the
     control, the tempered control and rescoring."""
     beta = fit_temperature(control, base.valid)
@@ -1898,10 +1983,9 @@ def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, t
     best = min(list(models)[:3], key=test_ppl.get)
     sentence = sentence_of_targets(test_tokens, base.corpus.vocab.index(EOS), EVAL_BATCH_SIZE)
     boot = paired_bootstrap(-logps[3], -logps[list(models).index(best)], sentence)
-    line = (f"finetune | CE + KL against the best CE-only baseline on test ({best}, ppl {test_ppl[best]:.2f}): "
+    line = (f"finetune | CE + KL against the best baseline on test ({best}, ppl {test_ppl[best]:.2f}): "
             f"{100 * boot['change']:+.2f}% perplexity, 95% interval {100 * boot['low']:+.2f}% .. "
             f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)")
-    log(line)
     return {"beta": beta, "temperature": 1 / beta, "tempered_valid_ppl": perplexity(lm_cross_entropy(tempered,
             base.valid)), "tempered_test_ppl": test_ppl[list(models)[1]], "best_baseline": best,
             "bootstrap": boot, "line": line}

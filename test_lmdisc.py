@@ -504,6 +504,48 @@ def test_download_over_a_tampered_file_says_so(tmp_path):
         L.download_ptb(tmp_path, base_url=(tmp_path / "nowhere").as_uri() + "/", log=quiet)
 
 
+def test_recency_discriminator_against_a_hand_written_float64_form(monkeypatch):
+    """s of the recency design, over two batches in a row (the window is carried between them), against
+    a(c) log q0 + s0(c) + b_w + r_seen [n > 0] + r_count log(1 + n) with n counted by walking the text word by
+    word. A window of 4 words makes both the "not yet 4 words" start and words falling out of it happen."""
+    monkeypatch.setattr(L, "RECENCY_WINDOW", 4)
+    g = torch.Generator().manual_seed(8)
+    V, T, B = 6, 5, 2
+    disc = L.RecencyDiscriminator(V).double()
+    with torch.no_grad():
+        for p in disc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    text = torch.randint(V, (2 * T, B), generator=g)
+    log_q0 = random_log_probs(2 * T, B, V, generator=g)
+    hidden, got = disc.init_hidden(B), []
+    for half in (slice(0, T), slice(T, 2 * T)):
+        s, hidden = disc(text[half], hidden, log_q0[half])
+        got.append(s)
+    got = torch.cat(got)
+    a0, a_h, a_m = disc.gate.bias[0].item(), *disc.gate.weight[0].tolist()
+    c0, c_h, c_m = disc.gate.bias[1].item(), *disc.gate.weight[1].tolist()
+    r_seen, r_count = disc.recency.tolist()
+    for t in range(2 * T):
+        for j in range(B):
+            lq = log_q0[t, j].tolist()
+            entropy, top = -sum(math.exp(v) * v for v in lq), max(lq)
+            a, s0 = a0 + a_h * entropy + a_m * top, c0 + c_h * entropy + c_m * top
+            recent = text[max(0, t - 3): t + 1, j].tolist()          # the last 4 words read, x_t included
+            for w in range(V):
+                n = recent.count(w)
+                want = a * lq[w] + s0 + disc.bias[w].item() + r_seen * (n > 0) + r_count * math.log1p(n)
+                assert got[t, j, w].item() == pytest.approx(want, abs=1e-9)
+
+
+def test_validation_halves_never_let_phase_2_or_3_validate_on_the_discriminators_text():
+    valid = torch.arange(11)
+    for split, learns, checks in (("valid-a", range(0, 5), range(5, 11)), ("valid-b", range(5, 11), range(0, 5))):
+        text = L.disc_text(split, torch.arange(100, 120), torch.tensor([], dtype=torch.long), valid)
+        other, name = L.validation_text(split, valid)
+        assert text.tolist() == list(learns) and other.tolist() == list(checks) and "half of valid" in name
+    assert L.validation_text("train", valid)[0] is valid and L.validation_text("holdout", valid)[1] == "valid"
+
+
 # ------------------------------------------------------------------- the strongest baseline (section 15) ------
 
 class TableLM(torch.nn.Module):
