@@ -1103,19 +1103,16 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     valid = validation_text(disc_ck["key"]["config"]["split"], corpus.valid)[0]
     base = FinetuneInputs(corpus, lm_ck, q0, disc, batchify(train_text, cfg.batch_size).to(device),
                           eval_data(valid, device, cfg.eval_tokens), key)
-    chosen, test = {}, eval_data(corpus.test, device, cfg.eval_tokens)
+    chosen, models, test = {}, {}, eval_data(corpus.test, device, cfg.eval_tokens)
     for arm in arms:
         sweep = [finetune_arm(arm, lr, base, cfg, folder, seed, device, log) for lr in cfg.lr]
         best = min(sweep, key=lambda r: r["valid_ppl"])                     # chosen on validation, never on test
-        model = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
+        models[arm] = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
         chosen[arm] = best | {"checkpoint": f"{arm}-lr{best['lr']:g}.pt", "sweep": sweep,
-                              "test_ppl": perplexity(lm_cross_entropy(model, test))}
+                              "test_ppl": perplexity(lm_cross_entropy(models[arm], test))}
     # beyond the paper (section 15): the control with a fitted temperature, and CE + KL against the best baseline
-    baselines = None
-    if len(chosen) == 2:
-        arm_models = [lm_from_checkpoint(load_checkpoint(folder / chosen[a]["checkpoint"], "lm"), device)
-                      for a in ("ce", "kl")]
-        baselines = against_baselines(*arm_models, base, tokens_for_eval(corpus.test, cfg.eval_tokens))
+    baselines = None if len(chosen) < 2 else against_baselines(models["ce"], models["kl"], base,
+                                                                tokens_for_eval(corpus.test, cfg.eval_tokens))
     # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
     table = results_table(disc_ck["result"], chosen, cfg, baselines)
     log(RULE + "\n" + table + "\n" + RULE)
