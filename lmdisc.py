@@ -1753,6 +1753,23 @@ def rank_deciles(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     return rank * 10 // len(counts), [f"decile {d + 1}" for d in range(10)]
 
 
+class Rescored(nn.Module):
+    """q0 and its discriminator as one streamable model: its output log q0 + s has log_softmax log p_hat."""
+
+    def __init__(self, q0: nn.Module, disc: nn.Module):
+        super().__init__()
+        self.q0, self.disc = q0, disc
+
+    def init_hidden(self, bsz: int):
+        return self.q0.init_hidden(bsz), self.disc.init_hidden(bsz)
+
+    def forward(self, x, hidden):
+        logits, h_q0 = self.q0(x, hidden[0])
+        log_q0 = torch.log_softmax(logits, -1)
+        s, h_disc = self.disc(x, hidden[1], log_q0)
+        return log_q0 + s, (h_q0, h_disc)
+
+
 @torch.no_grad()
 def test_log_probs(nets: list[nn.Module], test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, log q(target) of each model), one entry per test token. The outputs are allocated once, up front:
@@ -1788,11 +1805,16 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     finetune = json.loads((folder / "finetune.json").read_text())
     arms, eval_tokens = finetune["arms"], finetune["key"]["config"]["eval_tokens"]
     corpus, device = prepare_corpus(Path(lm_ck["data"]), log), pick_device("auto")
-    names = ["base"] + [{"ce": "control", "kl": "kl"}[a] for a in arms]
-    cks = [lm_ck] + [load_checkpoint(folder / r["checkpoint"], "lm") for r in arms.values()]
+    q0 = frozen_lm(lm_ck, corpus, device)
+    # p_hat itself ("rescored"): the direction the KL term pulls each bucket in, beside where the arms went
+    disc_path = Path(finetune["disc"])
+    p_hat = Rescored(q0, frozen_disc(finished_input(disc_path, "disc", "python lmdisc.py train-disc"), disc_path,
+                                     lm_ck, device))
+    names = ["base", "rescored"] + [{"ce": "control", "kl": "kl"}[a] for a in arms]
+    arm_models = [frozen_lm(load_checkpoint(folder / r["checkpoint"], "lm"), corpus, device) for r in arms.values()]
     test = eval_data(corpus.test, device, eval_tokens)                       # the text the results table used
     # one pass over the test text with all models side by side: log q(token) of each, for every token
-    targets, logps = test_log_probs([frozen_lm(ck, corpus, device) for ck in cks], test)
+    targets, logps = test_log_probs([q0, p_hat] + arm_models, test)
     # how often each word occurs in the text the LM learned from: "rare" means rare for this LM
     counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
     rows = bucket_rows("frequency", *frequency_buckets(counts), targets, logps, names) + \
@@ -1827,8 +1849,10 @@ def bucket_rows(grouping: str, word_bucket: torch.Tensor, labels: list[str], tar
 
 # How to read the analysis: "logp base" is the mean log-probability the base model gives the test tokens of a bucket
 # (words seen 1-9 times in training, 10-99 times...), "d control" and "d kl" how much each fine-tuned model changed
-# it. The paper's claim is a larger gain for rare words in the KL arm than in the control; the rank deciles make
-# the same comparison with word types split into ten equal groups by frequency rank.
+# it, and "d rescored" how much p_hat itself differs from q0 there: the direction the KL term pulls that bucket.
+# The paper's claim is a larger gain for rare words in the KL arm than in the control; it can only appear where
+# p_hat raises rare words. The rank deciles make the same comparison with word types split into ten equal groups
+# by frequency rank.
 
 def analysis_table(rows: list[dict], names: list[str]) -> str:
     """The rows as a table, then each arm's change against the base as a bar chart."""
@@ -1944,23 +1968,6 @@ def paired_bootstrap(nll_a: torch.Tensor, nll_b: torch.Tensor, sentence: torch.T
     lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     point = math.expm1(float((per[0].sum() - per[1].sum()) / per[2].sum()))
     return {"change": point, "low": lo, "high": hi, "sentences": n}
-
-
-class Rescored(nn.Module):
-    """q0 and its discriminator as one streamable model: its output log q0 + s has log_softmax log p_hat."""
-
-    def __init__(self, q0: nn.Module, disc: nn.Module):
-        super().__init__()
-        self.q0, self.disc = q0, disc
-
-    def init_hidden(self, bsz: int):
-        return self.q0.init_hidden(bsz), self.disc.init_hidden(bsz)
-
-    def forward(self, x, hidden):
-        logits, h_q0 = self.q0(x, hidden[0])
-        log_q0 = torch.log_softmax(logits, -1)
-        s, h_disc = self.disc(x, hidden[1], log_q0)
-        return log_q0 + s, (h_q0, h_disc)
 
 
 # against_baselines runs after both arms of phase 3 finished. It fits the control's temperature on the validation

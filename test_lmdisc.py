@@ -842,8 +842,13 @@ run = root / "run"
 for name in ("lm.pt", "finetune/ce.pt", "finetune/kl.pt"):
     m = L.LSTMLM(len(corpus.vocab), 64, 64, 1, 0.0)
     L.save_checkpoint(run / name, L.lm_checkpoint(m, corpus, {{}}, {{}}, str(root / "data"), 0.0))
+lm_ck = L.load_checkpoint(run / "lm.pt", "lm")
+d = L.UnigramDiscriminator(len(corpus.vocab))
+L.save_checkpoint(run / "disc.pt", {{"kind": "disc", "format": 2, "disc_config": d.config, "model": d.state_dict(),
+    "fingerprint": "x", "lm_fingerprint": lm_ck["fingerprint"], "vocab_hash": lm_ck["vocab_hash"], "key": {{}},
+    "result": {{}}}})
 (run / "finetune" / "finetune.json").write_text(json.dumps({{"key": {{"config": {{"eval_tokens": 0}}}},
-    "arms": {{"ce": {{"checkpoint": "ce.pt"}}, "kl": {{"checkpoint": "kl.pt"}}}}}}))
+    "disc": str(run / "disc.pt"), "arms": {{"ce": {{"checkpoint": "ce.pt"}}, "kl": {{"checkpoint": "kl.pt"}}}}}}))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 L.run_analyze(run, run / "finetune", log=lambda s: None)
 print("peak-kb", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
