@@ -2640,16 +2640,25 @@ def phase_config(args, phase: str):
 
 def output_name(stem: str, args, cfg, disc: Path | None = None) -> str:
     """Name a phase-2 or phase-3 output after the settings that differ from the preset: "disc", "finetune" for the
-    preset's own; "finetune-lr-0.001", "disc-arch-temperature-seed-2" for others. Runs never overwrite each other."""
+    preset's own; "finetune-lr-0.001", "disc-arch-temperature-seed-2" for others (a seed other than the one the
+    run's LM was trained with). Runs never overwrite each other."""
     preset_cfg = getattr(PRESETS[args.preset], stem)
     # only settings a student can change (the flags) can differ from the preset, so only they appear in names
     parts = [f"{flag_name(n)}-{fmt_value(getattr(cfg, n))}" for n in cfg.HELP
              if getattr(cfg, n) != getattr(preset_cfg, n)]
-    if args.seed != DEFAULT_SEED:
+    # another seed is a variant too, but not the seed the run's LM was trained with: `pipeline --seed 2` and then
+    # `finetune --seed 2` in the same run folder are the same fine-tune, found up to date
+    if args.seed != run_seed(run_folder(args)):
         parts.append(f"seed-{args.seed}")
     if disc is not None and disc.stem != "disc":
         parts.append(disc.stem)
     return "-".join([stem] + parts)
+
+
+def run_seed(run: Path) -> int:
+    """The seed the run's LM was trained with (the default seed while there is no LM yet)."""
+    path = run / "lm.pt"
+    return load_checkpoint(path, "lm")["key"].get("seed", DEFAULT_SEED) if path.exists() else DEFAULT_SEED
 
 
 def run_folder(args) -> Path:

@@ -701,9 +701,19 @@ def test_a_fine_tune_with_other_settings_gets_its_own_folder(synthetic_run, caps
     """The card's --lr on a run made by other settings: a new folder named after the lr; the old one untouched."""
     run = synthetic_run[0] / "run"
     before = (run / "finetune" / "finetune.json").read_text()
-    assert L.main(["finetune", "--run", str(run), "--lr", "3e-3", "--arms", "ce"]) == 0
+    assert L.main(["finetune", "--run", str(run), "--lr", "3e-3", "--arms", "ce", "--seed", "0"]) == 0
     assert (run / "finetune-lr-0.003" / "ce-lr0.003.pt").exists()
     assert (run / "finetune" / "finetune.json").read_text() == before
+
+
+def test_the_seed_of_the_runs_lm_is_no_variant_another_seed_is(synthetic_run):
+    """`pipeline --seed 2` then `finetune --seed 2`: one fine-tune, not two. The fixture's LM has seed 0."""
+    run = synthetic_run[0] / "run"
+    args = lambda seed: L.build_parser().parse_args(["finetune", "--run", str(run), "--seed", str(seed)])
+    cfg = L.PRESETS["tiny"].finetune
+    assert L.output_name("finetune", args(0), cfg) == "finetune"
+    assert L.output_name("finetune", args(L.DEFAULT_SEED), cfg) == f"finetune-seed-{L.DEFAULT_SEED}"
+    assert L.output_name("disc", args(7), L.PRESETS["tiny"].disc) == "disc-seed-7"
 
 
 def test_both_arms_see_identical_batches_and_dropout_masks(synthetic_run, tmp_path, monkeypatch):
