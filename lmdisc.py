@@ -733,7 +733,8 @@ def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.
     if result["valid_ppl"] > len(corpus.vocab):         # worse than guessing every word with probability 1/V
         raise LmdiscError(f"train: validation perplexity {result['valid_ppl']:.3g} is worse than a uniform guess "
                           f"({len(corpus.vocab)}): training diverged; try a lower --lr")
-    out.save_final(lm_checkpoint(model, corpus, out.key, result, data=str(data), holdout=cfg.holdout))
+    # absolute paths in outputs: later phases and `analyze` may run from another working directory
+    out.save_final(lm_checkpoint(model, corpus, out.key, result, data=str(data.resolve()), holdout=cfg.holdout))
     log(f"train | done: {result_line(result)} | {out.path}")
     return result
 
@@ -1116,7 +1117,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
     table = results_table(disc_ck["result"], chosen, cfg, baselines)
     log(RULE + "\n" + table + "\n" + RULE)
-    result = {"key": key, "disc": str(disc_path), "arms": chosen, "table": table, "baselines": baselines}
+    result = {"key": key, "disc": str(disc_path.resolve()), "arms": chosen, "table": table, "baselines": baselines}
     if len(chosen) == 2:
         log(baselines["line"])
         result["kl_step_cost_vs_ce"] = round(chosen["kl"]["ms_per_batch"] / chosen["ce"]["ms_per_batch"], 2)

@@ -706,6 +706,16 @@ def test_a_fine_tune_with_other_settings_gets_its_own_folder(synthetic_run, caps
     assert (run / "finetune" / "finetune.json").read_text() == before
 
 
+def test_analyze_finds_the_discriminator_from_another_working_directory(synthetic_run, tmp_path, monkeypatch):
+    """finetune.json names its discriminator by an absolute path: a run made with relative paths (the README's
+    commands) can be analysed from anywhere."""
+    root = synthetic_run[0]
+    monkeypatch.chdir(root)
+    L.run_finetune(Path("run"), Path("run/finetune-relative"), FINETUNE, Path("run/disc.pt"), 0, CPU, log=quiet)
+    monkeypatch.chdir(tmp_path)
+    assert L.run_analyze(root / "run", root / "run" / "finetune-relative", log=quiet)["test_tokens"] > 0
+
+
 def test_the_seed_of_the_runs_lm_is_no_variant_another_seed_is(synthetic_run):
     """`pipeline --seed 2` then `finetune --seed 2`: one fine-tune, not two. The fixture's LM has seed 0."""
     run = synthetic_run[0] / "run"
