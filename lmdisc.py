@@ -30,7 +30,7 @@ interrupted one (Ctrl-C) continues where it stopped when the same command is run
 How to read this file. Part I is the paper, top to bottom: data -> the LSTM LM -> the discriminator -> the
 estimator (the reverse KL and its gradient) -> one short training loop -> phase 1, 2, 3 -> their configuration and
 subcommands. Part II goes beyond the paper: where the discriminator learns, low-parameter discriminators, a
-synthetic corpus whose truth is known, the rare-word analysis, sampling. Part III is plumbing a reader may skip:
+synthetic corpus whose truth is known, the rare-word analysis, the strongest CE-only baseline, sampling. Part III is plumbing a reader may skip:
 download, checkpoints, run folders and resuming, interrupts, progress lines, error messages.
 """
 
@@ -1408,8 +1408,8 @@ def build_parser() -> argparse.ArgumentParser:
 #
 # #####################################################################################################################
 # Everything here was added by this project to test the method, not taken from the paper: where the discriminator
-# learns, discriminators too small to memorise text, a corpus whose true p is known, the rare-word analysis, and
-# sampling from a model. The measured results are in README.md and logs/README.md.
+# learns, discriminators too small to memorise text, a corpus whose true p is known, the rare-word analysis, the
+# strongest baseline a user could pick instead of the method, and sampling from a model. The measured results are in README.md and logs/README.md.
 
 # =====================================================================================================================
 # 11. Where the discriminator learns: a held-out slice of the training text
@@ -1471,7 +1471,8 @@ def validation_text(split: str, valid: torch.Tensor) -> tuple[torch.Tensor, str]
 # 12. Discriminators with a handful of parameters
 # =====================================================================================================================
 # The paper's LSTM discriminator has millions of parameters: on the text it learns from, it can memorise which
-# words followed which contexts. These two kinds cannot; they can only say something general about q0.
+# words followed which contexts. The kinds here cannot (unigram, temperature, and temperature plus recency); they
+# can only say something general about q0.
 #
 # The word term b_w of any kind can also be shared: word_bias "bucket" gives one b to each class of words of
 # similar training count (BIAS_EDGES: 11 classes). Adam moves every parameter at about the same speed, so a rare
