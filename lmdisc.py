@@ -1819,8 +1819,11 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     targets, logps = test_log_probs([q0, p_hat] + arm_models, test)
     # how often each word occurs in the text the LM learned from: "rare" means rare for this LM
     counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
-    rows = bucket_rows("frequency", *frequency_buckets(counts), targets, logps, names) + \
-        bucket_rows("rank", *rank_deciles(counts), targets, logps, names)
+    word_rows = lambda grouping, word_bucket, labels: bucket_rows(grouping, word_bucket[targets], labels, logps, names)
+    # and by recency (section 12): was the word among the last RECENCY_WINDOW words of the text before it?
+    recent = batchify(recently_seen(tokens_for_eval(corpus.test, eval_tokens)), EVAL_BATCH_SIZE)[1:].flatten()
+    rows = word_rows("frequency", *frequency_buckets(counts)) + word_rows("rank", *rank_deciles(counts)) + \
+        bucket_rows("recency", recent.long(), ["new", "repeat"], logps, names)
     with open(folder / "rare_words.csv", "w") as f:
         f.write(",".join(rows[0]) + "\n")
         f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
@@ -1830,10 +1833,19 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     return {"rows": rows, "csv": str(folder / "rare_words.csv"), "test_tokens": targets.numel(), "table": table}
 
 
-def bucket_rows(grouping: str, word_bucket: torch.Tensor, labels: list[str], targets: torch.Tensor,
-                logps: torch.Tensor, names: list[str]) -> list[dict]:
-    """One row per non-empty bucket: its token count, each model's mean log-probability, each arm's change."""
-    bucket = word_bucket[targets]                       # the bucket of each test token is its word's bucket
+def recently_seen(tokens: torch.Tensor, window: int = RECENCY_WINDOW) -> torch.Tensor:
+    """For every token of a text: did the same word occur among the `window` tokens before it?"""
+    last, seen = {}, []
+    for k, w in enumerate(tokens.tolist()):
+        seen.append(k - last.get(w, -window - 1) <= window)          # its last occurrence is close enough
+        last[w] = k
+    return torch.tensor(seen, dtype=torch.bool)
+
+
+def bucket_rows(grouping: str, bucket: torch.Tensor, labels: list[str], logps: torch.Tensor,
+                names: list[str]) -> list[dict]:
+    """One row per non-empty bucket (bucket: one per test token): its token count, each model's mean
+    log-probability, each arm's change."""
     n_tok = torch.bincount(bucket, minlength=len(labels))
     # per model, the sum of log q over the tokens of each bucket (in float64: tens of thousands of terms), / count
     means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
@@ -1854,7 +1866,8 @@ def bucket_rows(grouping: str, word_bucket: torch.Tensor, labels: list[str], tar
 # it, and "d rescored" how much p_hat itself differs from q0 there: the direction the KL term pulls that bucket.
 # The paper's claim is a larger gain for rare words in the KL arm than in the control; it can only appear where
 # p_hat raises rare words. The rank deciles make the same comparison with word types split into ten equal groups
-# by frequency rank.
+# by frequency rank; "recency" splits the test tokens into repeats (the word occurred among the 100 words before)
+# and new words, the grouping the recency discriminator of section 12 is about.
 
 def analysis_table(rows: list[dict], names: list[str]) -> str:
     """The rows as a table, then each arm's change against the base as a bar chart."""

@@ -668,9 +668,16 @@ def test_analyze_buckets_add_up_to_test_tokens(synthetic_run):
     rows = [line.split(",") for line in (root / "run" / "finetune" / "rare_words.csv").read_text().splitlines()]
     header, body = rows[0], rows[1:]
     n_targets = L.batchify(corpus.test, L.EVAL_BATCH_SIZE).numel() - L.EVAL_BATCH_SIZE
-    for grouping in ("frequency", "rank"):
+    for grouping in ("frequency", "rank", "recency"):
         assert sum(int(r[header.index("tokens")]) for r in body if r[0] == grouping) == n_targets
     assert an["test_tokens"] == n_targets
+
+
+def test_recently_seen_against_a_brute_force_look_back():
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(30, (400,), generator=g)
+    want = [int(tokens[k]) in tokens[max(0, k - 25): k].tolist() for k in range(400)]
+    assert L.recently_seen(tokens, 25).tolist() == want
 
 
 def test_finetune_refuses_a_discriminator_of_another_lm(synthetic_run, tmp_path):
