@@ -1935,7 +1935,7 @@ def temperature_moments(log_q: torch.Tensor, y: torch.Tensor, beta: float) -> tu
 
 
 @torch.no_grad()
-def fit_temperature(model: nn.Module, source: torch.Tensor, steps: int = 8, log=print) -> float:
+def fit_temperature(model: nn.Module, source: torch.Tensor, steps: int = 8) -> float:
     """beta minimising the CE of q_beta on `source` by Newton's method, one pass over the text per step. A step
     that raises the NLL (possible far from the minimum) is halved back toward the previous beta."""
     beta, best = 1.0, (math.inf, 1.0)
@@ -1997,7 +1997,7 @@ def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, t
     models = {"CE-only control": control, f"CE-only control, temperature {1 / beta:.3f}": tempered,
               "rescored p_hat": Rescored(base.q0, base.disc), "CE + KL": kl}
     test = eval_data(test_tokens, base.valid.device)
-    targets, logps = test_log_probs(list(models.values()), test)
+    _, logps = test_log_probs(list(models.values()), test)
     test_ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(models, logps)}
     best = min(list(models)[:3], key=test_ppl.get)
     sentence = sentence_of_targets(test_tokens, base.corpus.vocab.index(EOS), EVAL_BATCH_SIZE)

@@ -585,7 +585,7 @@ def test_temperature_scaling_recovers_a_known_temperature():
     words = [0]
     for u in torch.rand(n, generator=g).tolist():          # a Markov chain from the true, flatter distribution
         words.append(min(int(torch.searchsorted(true[words[-1]].cumsum(0), torch.tensor(u))), V - 1))
-    beta = L.fit_temperature(TableLM(table), L.batchify(torch.tensor(words), 10), log=quiet)
+    beta = L.fit_temperature(TableLM(table), L.batchify(torch.tensor(words), 10))
     assert beta == pytest.approx(0.6, abs=0.02)
 
 
