@@ -761,7 +761,8 @@ def result_line(result: dict) -> str:
 #   L_D           the loss on validation text, next to chance (2 ln 2 = 1.38629): below chance = the
 #                 discriminator tells real words from q0's on text it did not learn from
 #   acc real/q0   how often it calls a real word real (s > 0) and a q0 word fake (s < 0)
-#   calib         mean log Z: 0 for an exact ratio; its size says how far s is from any consistent ratio
+#   calib         mean log Z: 0 for an exact ratio; its size says how far s is from a normalised ratio (p_hat
+#                 itself does not depend on it: exercise 4 of README.md)
 #   KL(q0||p_hat) the estimated reverse KL at the start of phase 3, where q = q0: how hard phase 3 will pull
 #   ppl rescored  perplexity of p_hat itself used as a language model (an extension: "rescoring"), against base
 # The discriminator learns with Adam: unlike the LM it starts from s = 0 and has to move few parameters far (the
@@ -907,8 +908,8 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
     state = fit("train-disc", task, optimizer, train_data, cfg, cfg.lr, out, log)
     test = disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)
     result = disc_result(state, test, cfg, time.time() - t0) | {"valid_text": valid_name}
-    for split in ("valid", "test"):
-        log(f"train-disc | {split} | {disc_line(result[f'{split}_disc'])}")
+    for split, name in (("valid", valid_name), ("test", "test")):
+        log(f"train-disc | {name} | {disc_line(result[f'{split}_disc'])}")
     if cfg.negatives == "sample":                                       # exercise 2: the noise, measured
         result["gradient_noise"] = negatives_gradient_noise(task, train_data, cfg.bptt)
         log(f"train-disc | {result['gradient_noise']['text']}")
@@ -1079,8 +1080,9 @@ def finetune_arm(arm: str, lr: float, base: FinetuneInputs, cfg: FinetuneConfig,
 
 # run_finetune reads the two checkpoints of phases 1 and 2 (q0 and s, both frozen from here on), checks that s was
 # trained against exactly this q0 (a ratio log p - log q0 means nothing for another q0), then runs the arms. The
-# first two rows of its table come from phase 2: q0 itself, and p_hat used directly as a model ("rescoring"); the
-# last two are the fine-tuned models. The method works when the CE + KL row beats the CE-only row.
+# first two rows of its table come from phase 2: q0 itself, and p_hat used directly as a model ("rescoring"); then
+# the fine-tuned control, the same control with a fitted temperature (Part II, section 15), and CE + KL. The method
+# works when the CE + KL row beats the CE-only row; it is worth using when it beats every other row.
 
 def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, seed: int, device: torch.device,
                  arms: tuple[str, ...] = ("ce", "kl"), log=print) -> dict:
@@ -1113,7 +1115,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
                               "test_ppl": perplexity(lm_cross_entropy(models[arm], test))}
     # beyond the paper (section 15): the control with a fitted temperature, and CE + KL against the best baseline
     baselines = None if len(chosen) < 2 else against_baselines(models["ce"], models["kl"], base,
-                                                                tokens_for_eval(corpus.test, cfg.eval_tokens))
+                                                                tokens_for_eval(corpus.test, cfg.eval_tokens), folder)
     # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
     table = results_table(disc_ck["result"], chosen, cfg, baselines)
     log(RULE + "\n" + table + "\n" + RULE)
@@ -1121,8 +1123,9 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     if len(chosen) == 2:
         log(baselines["line"])
         result["kl_step_cost_vs_ce"] = round(chosen["kl"]["ms_per_batch"] / chosen["ce"]["ms_per_batch"], 2)
-        log(f"finetune | a CE + KL step costs {result['kl_step_cost_vs_ce']:.2f}x a CE-only step | {folder}")
+        log(f"finetune | a CE + KL step costs {result['kl_step_cost_vs_ce']:.2f}x a CE-only step")
     write_json(folder / "finetune.json", result)
+    log(f"finetune | done: {folder / 'finetune.json'}")
     return result
 
 
@@ -1817,7 +1820,8 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     test = eval_data(corpus.test, device, eval_tokens)                       # the text the results table used
     # one pass over the test text with all models side by side: log q(token) of each, for every token
     targets, logps = test_log_probs([q0, p_hat] + arm_models, test)
-    # how often each word occurs in the text the LM learned from: "rare" means rare for this LM
+    # how often each word occurs in the LM's training text: "rare" means rare there (`tiny`'s LM reads only
+    # 200,000 of its tokens, so there a word counted a few times may never have been read)
     counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
     word_rows = lambda grouping, word_bucket, labels: bucket_rows(grouping, word_bucket[targets], labels, logps, names)
     # and by recency (section 12): was the word among the last RECENCY_WINDOW words of the text before it?
@@ -1989,9 +1993,14 @@ def paired_bootstrap(nll_a: torch.Tensor, nll_b: torch.Tensor, sentence: torch.T
 # text the arms were chosen on (test stays untouched), then scores the test text with every candidate side by side,
 # and compares CE + KL with the baseline that is best *on test*: the strictest comparison the method can face.
 
-def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, test_tokens: torch.Tensor) -> dict:
+def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, test_tokens: torch.Tensor,
+                      folder: Path) -> dict:
     """The tempered control's beta and perplexities, and the paired bootstrap of CE + KL against the best of the
-    control, the tempered control and rescoring."""
+    control, the tempered control and rescoring (read from FOLDER/finetune.json when its key is this one)."""
+    done = folder / "finetune.json"
+    if done.exists() and (old := json.loads(done.read_text())).get("key") == normalised(base.key) and \
+            old.get("baselines"):
+        return old["baselines"]                         # the same arms, data and text: the same numbers
     beta = fit_temperature(control, base.valid)
     tempered = Tempered(control, beta)
     models = {"CE-only control": control, f"CE-only control, temperature {1 / beta:.3f}": tempered,
