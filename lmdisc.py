@@ -1365,11 +1365,14 @@ def cmd_evaluate(args) -> None:
     if args.disc is None:
         print(f"evaluate | {args.checkpoint} | whole splits | {result_line(evaluate_lm(model, corpus, device))}")
         return
-    disc = frozen_disc(finished_input(args.disc, "disc", "python lmdisc.py train-disc"), args.disc, ck, device)
+    disc_ck = finished_input(args.disc, "disc", "python lmdisc.py train-disc")
+    disc = frozen_disc(disc_ck, args.disc, ck, device)
     truth = true_log_p_table(Path(ck["data"]), corpus.vocab)
-    for split in ("valid", "test"):
-        m = disc_metrics(model, disc, eval_data(getattr(corpus, split), device), BPTT, truth)
-        print(f"evaluate | {split}, all {getattr(corpus, split).numel():,} tokens | {disc_line(m)}")
+    # never the text the discriminator learned on: after `--split valid-a`, only the second half of valid
+    valid, valid_name = validation_text(disc_ck["key"]["config"]["split"], corpus.valid)
+    for name, text in ((valid_name, valid), ("test", corpus.test)):
+        m = disc_metrics(model, disc, eval_data(text, device), BPTT, truth)
+        print(f"evaluate | {name}, all {text.numel():,} tokens | {disc_line(m)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

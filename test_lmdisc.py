@@ -723,6 +723,13 @@ def test_analyze_finds_the_discriminator_from_another_working_directory(syntheti
     assert L.run_analyze(root / "run", root / "run" / "finetune-relative", log=quiet)["test_tokens"] > 0
 
 
+def test_evaluate_with_a_discriminator_reads_whole_splits(synthetic_run, capsys):
+    run = synthetic_run[0] / "run"
+    assert L.main(["evaluate", "--checkpoint", str(run / "lm.pt"), "--disc", str(run / "disc.pt")]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluate |")]
+    assert [l.split(" | ")[1].split(",")[0] for l in lines] == ["valid", "test"] and all("L_D" in l for l in lines)
+
+
 def test_the_seed_of_the_runs_lm_is_no_variant_another_seed_is(synthetic_run):
     """`pipeline --seed 2` then `finetune --seed 2`: one fine-tune, not two. The fixture's LM has seed 0."""
     run = synthetic_run[0] / "run"
