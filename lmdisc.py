@@ -11,7 +11,7 @@ a discriminator, trained in advance to tell the real next word from words drawn 
 estimates the density ratio p / q0; the reverse KL is computed against p_hat = q0 * exp(s) / Z.
 
 Usage. Three phases, one subcommand each; every subcommand finds the files of the one before it in the run folder
-(default runs/PRESET; the default preset is `tiny`, a first look that runs in about 90 seconds on 2 CPU cores):
+(default runs/PRESET; the default preset is `tiny`, a first look that runs in about 100 seconds on 2 CPU cores):
 
     python lmdisc.py train                 # phase 1: the base LSTM LM q0, CE          -> runs/tiny/lm.pt
     python lmdisc.py train-disc            # phase 2: the discriminator s, q0 frozen   -> runs/tiny/disc.pt
@@ -30,8 +30,9 @@ interrupted one (Ctrl-C) continues where it stopped when the same command is run
 How to read this file. Part I is the paper, top to bottom: data -> the LSTM LM -> the discriminator -> the
 estimator (the reverse KL and its gradient) -> one short training loop -> phase 1, 2, 3 -> their configuration and
 subcommands. Part II goes beyond the paper: where the discriminator learns, low-parameter discriminators, a
-synthetic corpus whose truth is known, the rare-word analysis, the strongest CE-only baseline, sampling. Part III is plumbing a reader may skip:
-download, checkpoints, run folders and resuming, interrupts, progress lines, error messages.
+synthetic corpus whose truth is known, the rare-word analysis, the strongest CE-only baseline, sampling. Part III
+is plumbing a reader may skip: download, checkpoints, run folders and resuming, interrupts, progress lines, error
+messages.
 """
 
 from __future__ import annotations
@@ -1284,7 +1285,7 @@ class Preset:
     finetune: FinetuneConfig
 
 
-# tiny: a first look that runs in about 90 seconds on 2 CPU cores, on slices of the text; its numbers show the
+# tiny: a first look that runs in about 100 seconds on 2 CPU cores, on slices of the text; its numbers show the
 #   mechanics, not the method's merit (a 1x64 LM that saw 200k tokens leaves much for anyone to find).
 # small: the 2x200 LSTM of pytorch/examples; on a 2-core CPU a plateau rule alone rarely fires before the time runs
 #   out, so from epoch 11 the lr is divided by 4 every epoch, where most of the final gain comes from (about an
@@ -1415,7 +1416,8 @@ def build_parser() -> argparse.ArgumentParser:
 # #####################################################################################################################
 # Everything here was added by this project to test the method, not taken from the paper: where the discriminator
 # learns, discriminators too small to memorise text, a corpus whose true p is known, the rare-word analysis, the
-# strongest baseline a user could pick instead of the method, and sampling from a model. The measured results are in README.md and logs/README.md.
+# strongest baseline a user could pick instead of the method, and sampling from a model. The measured results are
+# in README.md and logs/README.md.
 
 # =====================================================================================================================
 # 11. Where the discriminator learns: a held-out slice of the training text
