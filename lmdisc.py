@@ -1104,7 +1104,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     # both arms learn on the LM's own training text (the held-out slice, if any, stays the discriminator's)
     train_text = split_holdout(corpus.train, lm_ck["holdout"])[0]
     # validation: all of valid, or the half a discriminator of section 11 did not learn on
-    valid = validation_text(disc_ck["key"]["config"]["split"], corpus.valid)[0]
+    valid, valid_name = validation_text(disc_ck["key"]["config"]["split"], corpus.valid)
     base = FinetuneInputs(corpus, lm_ck, q0, disc, batchify(train_text, cfg.batch_size).to(device),
                           eval_data(valid, device, cfg.eval_tokens), key)
     chosen, models, test = {}, {}, eval_data(corpus.test, device, cfg.eval_tokens)
@@ -1118,7 +1118,7 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     baselines = None if len(chosen) < 2 else against_baselines(models["ce"], models["kl"], base,
                                                                 tokens_for_eval(corpus.test, cfg.eval_tokens), folder)
     # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
-    table = results_table(disc_ck["result"], chosen, cfg, baselines)
+    table = results_table(disc_ck["result"], chosen, cfg, valid_name, baselines)
     log(RULE + "\n" + table + "\n" + RULE)
     result = {"key": key, "disc": str(disc_path.resolve()), "arms": chosen, "table": table, "baselines": baselines}
     if len(chosen) == 2:
@@ -1130,11 +1130,11 @@ def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, 
     return result
 
 
-def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig, baselines: dict | None = None) -> str:
+def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig, valid_name: str = "valid",
+                  baselines: dict | None = None) -> str:
     """Phase 3's markdown table: the base model, p_hat used directly, each fine-tuned arm, and (section 15) the
     control with a temperature fitted on validation."""
     v, t = disc_result["valid_disc"], disc_result["test_disc"]
-    valid_name = disc_result.get("valid_text", "valid")          # "second half of valid" after --split valid-a
     rows = [("base q0 (phase 1)", v["ppl_base"], t["ppl_base"], None),
             ("rescored p_hat = q0 exp(s) / Z (phase 2)", v["ppl_rescored"], t["ppl_rescored"], None)]
     names = {"ce": "CE-only control", "kl": f"CE + {cfg.kl_weight:g} KL(q || p_hat) (phase 3)"}
@@ -1780,6 +1780,12 @@ class Rescored(nn.Module):
         return log_q0 + s, (h_q0, h_disc)
 
 
+def in_target_order(per_token: torch.Tensor, bsz: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+    """A value per token of a text, reordered like the targets test_log_probs returns: batchified like the text,
+    minus its first row (the targets of all batches, in stream order, are exactly that)."""
+    return batchify(per_token, bsz)[1:].flatten()
+
+
 @torch.no_grad()
 def test_log_probs(nets: list[nn.Module], test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, log q(target) of each model), one entry per test token. The outputs are allocated once, up front:
@@ -1830,7 +1836,7 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
     word_rows = lambda grouping, word_bucket, labels: bucket_rows(grouping, word_bucket[targets], labels, logps, names)
     # and by recency (section 12): was the word among the last RECENCY_WINDOW words of the text before it?
-    recent = batchify(recently_seen(tokens_for_eval(corpus.test, eval_tokens)), EVAL_BATCH_SIZE)[1:].flatten()
+    recent = in_target_order(recently_seen(tokens_for_eval(corpus.test, eval_tokens)))
     rows = word_rows("frequency", *frequency_buckets(counts)) + word_rows("rank", *rank_deciles(counts)) + \
         bucket_rows("recency", recent.long(), ["new", "repeat"], logps, names)
     with open(folder / "rare_words.csv", "w") as f:
@@ -1972,10 +1978,9 @@ def fit_temperature(model: nn.Module, source: torch.Tensor, steps: int = 8) -> f
 
 def sentence_of_targets(tokens: torch.Tensor, eos: int, bsz: int) -> torch.Tensor:
     """The sentence number of every target, in the order test_log_probs returns them. Token k belongs to the
-    sentence its <eos> ends; batchify-ing the numbers like the tokens puts them where the targets are (the
-    targets of all batches, in stream order, are the batchified text minus its first row)."""
+    sentence its <eos> ends."""
     sentence = torch.cumsum(tokens == eos, 0) - (tokens == eos).long()
-    return batchify(sentence, bsz)[1:].flatten()
+    return in_target_order(sentence, bsz)
 
 
 def paired_bootstrap(nll_a: torch.Tensor, nll_b: torch.Tensor, sentence: torch.Tensor, draws: int = 1000,
