@@ -1404,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
     p.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint (lm.pt or a fine-tuned one)")
     p.add_argument("--disc", type=Path, help="also print the phase-2 diagnostics of this discriminator")
-    add_part2_subcommands(sub)                          # analyze, make-synthetic, generate
+    add_part2_subcommands(sub)                          # analyze, transfer-disc, make-synthetic, generate
     add_part3_subcommands(sub)                          # download
     return parser
 
@@ -1644,6 +1644,84 @@ def temperature_profile(lm: nn.Module, disc: TemperatureDiscriminator, source: t
     text = "on validation contexts, mean a(c) where q0 is " + ", ".join(
         f"{name} (H {h:.2f} nats) {m:+.4f}" for name, (h, m) in zip(("most sure", "in between", "least sure"), means))
     return {"a_by_entropy_third": means, "mean_a": float(a.mean()), "profile": text + f"; overall {float(a.mean()):+.4f}"}
+
+
+# Moving a discriminator to another LM (route 2 of README.md's results). A discriminator learned on the held-out slice
+# of section 11 was fitted against the LM that gave that slice up; the LM a user wants is the one that read all the
+# text. The kinds of this section read nothing but q0's prediction (log q0(w|c), its entropy, its top
+# log-probability), the recent words, and the class of w's training count: all of it is defined for any LM of the
+# same vocabulary. So one can be fitted out of fold and then applied, unchanged, to the LM trained on everything, as
+# scikit-learn's CalibratedClassifierCV(ensemble=False) does with a calibrator. `transfer-disc` does this on request
+# and says so: it recounts the count classes on the new LM's training text, measures the phase-2 diagnostics against
+# the new q0, and writes a checkpoint that names the new LM, so that phase 3's check (section 18) still holds.
+# The paper's LSTM discriminator, and any kind with one b_w per word, stay with their own q0: their weights are
+# fitted to that q0's errors context by context or word by word, and s = log p - log q0 holds for that q0 alone.
+
+def transferable(config: dict) -> bool:
+    """Whether every parameter of a discriminator is defined for any LM: no LSTM, and no term of its own per word."""
+    return config["arch"] != "lstm" and config["word_bias"] == "bucket"
+
+
+def rebound_disc(src: dict, counts: torch.Tensor) -> tuple[Discriminator, int]:
+    """The discriminator of checkpoint `src` with its count classes recounted from `counts` (another LM's training
+    counts), and how many words changed class. Its fitted numbers (a, s0, b per class, r) stay as they were."""
+    disc = disc_from_config(src["disc_config"])
+    disc.load_state_dict(src["model"])
+    classes = count_classes(counts.numel(), counts)
+    moved = int((disc.word_class != classes).sum())
+    disc.word_class.copy_(classes)
+    return disc, moved
+
+
+def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) -> dict:
+    """Apply the discriminator `source` to RUN/lm.pt; write RUN/<its name>-from-<its run folder>.pt."""
+    src = finished_input(source, "disc", "python lmdisc.py train-disc")
+    config = src["disc_config"]
+    need(transferable(config), f"{source} is a {config['arch']} discriminator with word bias {config['word_bias']}: "
+                               f"only the kinds of section 12 with --word-bias bucket can serve another LM")
+    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
+    need(src["vocab_hash"] == lm_ck["vocab_hash"], f"{source} was trained on another vocabulary than the LM")
+    need(src["lm_fingerprint"] != lm_ck["fingerprint"], f"{source} already belongs to {run / 'lm.pt'}: pass it to "
+                                                        f"finetune --disc as it is")
+    data, cfg = Path(lm_ck["data"]), src["key"]["config"]              # the source's phase-2 settings, kept
+    out = Output(run / f"{source.stem}-from-{source.resolve().parent.name}.pt", "disc",
+                 {"config": cfg, "source": src["fingerprint"], "lm": lm_ck["fingerprint"],
+                  "data": data_fingerprint(data)})
+    if (done := out.finished(log)) is not None:
+        return done["result"]
+    corpus = prepare_corpus(data, log)
+    counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
+    disc, moved = rebound_disc(src, counts)
+    lm, disc = frozen_lm(lm_ck, corpus, device), disc.to(device).eval().requires_grad_(False)
+    log(f"transfer-disc | {config['arch']} discriminator {source} (fitted against LM {src['lm_fingerprint']}) -> "
+        f"{run / 'lm.pt'} (LM {lm_ck['fingerprint']}) | {moved:,} of {counts.numel():,} words change count class")
+    truth = true_log_p_table(data, corpus.vocab)                        # None on real text
+    result = transfer_result(lm, disc, corpus, truth, cfg, device, log) | {
+        "transferred_from": str(source.resolve()), "source_lm": src["lm_fingerprint"], "words_moved": moved,
+        "source_valid_disc": src["result"]["valid_disc"]}
+    out.save_final({"kind": "disc", "format": 2, "disc_config": disc.config, "model": disc.state_dict(),
+                    "fingerprint": weights_fingerprint(disc.state_dict()), "lm_fingerprint": lm_ck["fingerprint"],
+                    "vocab_hash": lm_ck["vocab_hash"], "key": out.key, "result": result})
+    log(f"transfer-disc | done: {out.path} (for phase 3: finetune --disc {out.path})")
+    return result
+
+
+def transfer_result(lm: LSTMLM, disc: Discriminator, corpus: Corpus, truth: torch.Tensor | None,
+                    cfg: dict, device: torch.device, log) -> dict:
+    """Phase 2's diagnostics of the moved discriminator against its new q0, on the same text phase 2 would use
+    (the validation text its split leaves, and test), and its fitted numbers with a(c) on the new LM's contexts."""
+    valid, valid_name = validation_text(cfg["split"], corpus.valid)
+    result = {"eval_tokens": cfg["eval_tokens"], "valid_text": valid_name}
+    for split, name, text in (("valid", valid_name, valid), ("test", "test", corpus.test)):
+        result[f"{split}_disc"] = disc_metrics(lm, disc, eval_data(text, device, cfg["eval_tokens"]), cfg["bptt"], truth)
+        log(f"transfer-disc | {name} | {disc_line(result[f'{split}_disc'])}")
+    if not isinstance(disc, TemperatureDiscriminator):                  # a unigram one: only its b per class
+        return result
+    valid_data = eval_data(valid, device, cfg["eval_tokens"])
+    result["temperature_gate"] = temperature_gate(disc) | temperature_profile(lm, disc, valid_data, cfg["bptt"])
+    log(f"transfer-disc | fitted, unchanged: {result['temperature_gate']['text']}")
+    log(f"transfer-disc | {result['temperature_gate']['profile']}")
+    return result
 
 
 # =====================================================================================================================
@@ -2062,7 +2140,7 @@ def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: 
 
 
 def add_part2_subcommands(sub) -> None:
-    """analyze, make-synthetic and generate."""
+    """analyze, transfer-disc, make-synthetic and generate."""
     # analyze reads a run folder like the phases do, and a fine-tune folder inside it: `finetune --lr 3e-4` wrote
     # runs/tiny/finetune-lr-0.0003/, which `analyze --finetune runs/tiny/finetune-lr-0.0003` reads
     p = sub.add_parser("analyze", help="rare words: mean test log-probability per training-frequency bucket")
@@ -2072,6 +2150,18 @@ def add_part2_subcommands(sub) -> None:
     p.add_argument("--finetune", type=Path, help="the fine-tune folder to analyse (default: RUN/finetune)")
 
     # the synthetic corpus is only ever written by this command, never as a side effect of `--data synthetic`
+    # section 12: a discriminator with a handful of parameters, fitted against one LM, applied to another (route 2)
+    text = ("apply a discriminator of section 12 to another LM of the same vocabulary (one fitted on a held-out "
+            "slice, to the LM that read it all)")
+    p = sub.add_parser("transfer-disc", help=text, description=text + ": its fitted numbers stay, its count classes "
+                       "are recounted on the new LM's training text; writes RUN/NAME-from-FOLDER.pt for finetune --disc")
+    p.set_defaults(handler=lambda a: run_transfer_disc(a.disc, a.run, pick_device("auto")))
+    p.add_argument("--disc", type=Path, required=True, help="the discriminator checkpoint to move (--arch unigram, "
+                                                            "temperature or recency with --word-bias bucket)")
+    p.add_argument("--run", type=Path, default=DEFAULT_RUNS / DEFAULT_PRESET,
+                   help=f"the run folder whose lm.pt it is moved to, and where it is written (default: "
+                        f"runs/{DEFAULT_PRESET})")
+
     p = sub.add_parser("make-synthetic", help="write a corpus drawn from a known bigram model (true p is known)")
     p.set_defaults(handler=lambda a: make_synthetic(a.out))
     p.add_argument("--out", type=Path, default=HERE / "synthetic", help="folder to write (default: synthetic/ beside "

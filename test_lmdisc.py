@@ -938,3 +938,46 @@ def test_sampled_negatives_gradient_spread_is_measured_and_its_mean_tends_to_the
     # one draw per position is noisy; the mean of 50 draws is about sqrt(50) ~ 7 times closer to the exact gradient
     assert noise["relative_spread"] > 0.1
     assert noise["relative_bias_of_mean"] < 0.3 * noise["relative_spread"]
+
+
+def test_transfer_disc_moves_a_small_discriminator_to_another_lm_and_refuses_the_others(synthetic_run, tmp_path):
+    """Route 2: a temperature discriminator fitted on the slice a 70% LM held out, applied to the LM that read it
+    all. Its fitted numbers stay; its count classes are recounted on the new LM's text; s on the new q0 matches a
+    float64 form written from the source's numbers; phase 3's fingerprint check accepts the moved checkpoint and
+    still refuses the source. The LSTM discriminator, and per-word biases, do not move."""
+    root = synthetic_run[0]
+    data, held, full = root / "data", tmp_path / "held", tmp_path / "full"
+    L.run_train(held, dataclasses.replace(TRAIN, epochs=1, max_tokens=2000, holdout=0.3), data, 0, CPU, log=quiet)
+    L.run_train_disc(held, dataclasses.replace(DISC, arch="temperature", word_bias="bucket", split="holdout",
+                                               max_tokens=2000), 0, CPU, log=quiet)
+    full.mkdir()
+    (full / "lm.pt").write_bytes((root / "run" / "lm.pt").read_bytes())      # the LM that read all the text
+    result = L.run_transfer_disc(held / "disc.pt", full, CPU, log=quiet)
+    src, lm_ck = L.load_checkpoint(held / "disc.pt", "disc"), L.load_checkpoint(full / "lm.pt", "lm")
+    moved = L.load_checkpoint(full / "disc-from-held.pt", "disc")
+    assert moved["lm_fingerprint"] == lm_ck["fingerprint"] != src["lm_fingerprint"]
+    for name in ("gate.weight", "gate.bias", "bias"):
+        assert torch.equal(moved["model"][name], src["model"][name])
+    corpus = L.load_corpus(data)
+    classes = L.frequency_buckets(torch.bincount(corpus.train, minlength=len(corpus.vocab)), L.BIAS_EDGES)[0]
+    assert torch.equal(moved["model"]["word_class"], classes)
+    assert result["words_moved"] == int((src["model"]["word_class"] != classes).sum()) > 0
+    # s on the new q0, by hand in float64 from the source's numbers and the new classes
+    lm, disc = L.frozen_lm(lm_ck, corpus, CPU), L.frozen_disc(moved, full / "disc-from-held.pt", lm_ck, CPU)
+    x = L.batchify(corpus.valid, 4)[:20]
+    log_q0 = torch.log_softmax(lm(x, lm.init_hidden(4))[0], -1).double()
+    (w_h, w_m), (v_h, v_m) = src["model"]["gate.weight"].double().tolist()
+    (c_a, c_s), b = src["model"]["gate.bias"].double().tolist(), src["model"]["bias"].double()
+    entropy, top = -(log_q0.exp() * log_q0).sum(-1, keepdim=True), log_q0.max(-1, keepdim=True).values
+    expected = (c_a + w_h * entropy + w_m * top) * log_q0 + (c_s + v_h * entropy + v_m * top) + b[classes]
+    torch.testing.assert_close(disc(x, (), log_q0.float())[0].double(), expected, atol=1e-4, rtol=1e-4)
+    assert result["valid_disc"]["L_D"] == pytest.approx(L.disc_metrics(lm, disc, L.eval_data(corpus.valid, CPU, 20_000),
+                                                                       20)["L_D"])
+    with pytest.raises(L.LmdiscError, match="trained against an LM with weights"):
+        L.frozen_disc(src, held / "disc.pt", lm_ck, CPU)
+    assert L.run_transfer_disc(held / "disc.pt", full, CPU, log=quiet) == result               # up to date
+    with pytest.raises(L.LmdiscError, match="only the kinds of section 12 with --word-bias bucket"):
+        L.run_transfer_disc(root / "run" / "disc.pt", full, CPU, log=quiet)                   # the paper's LSTM
+    with pytest.raises(L.LmdiscError, match="already belongs to"):
+        L.run_transfer_disc(full / "disc-from-held.pt", full, CPU, log=quiet)
+    assert not L.transferable({"arch": "temperature", "word_bias": "word"})            # b_w fitted word by word
