@@ -431,7 +431,7 @@ def test_cli_lists_exactly_its_subcommands():
     parser = L.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {"train", "train-disc", "finetune", "pipeline", "evaluate", "analyze",
-                                "make-synthetic", "generate", "download"}
+                                "transfer-disc", "make-synthetic", "generate", "download"}
     out = subprocess.run([sys.executable, str(HERE / "lmdisc.py"), "--help"], capture_output=True, text=True).stdout
     assert "finetune --lr 1e-4" in out
 
