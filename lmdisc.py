@@ -919,9 +919,7 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
         log(f"train-disc | learned: {result['temperature_gate']['text']}")
         log(f"train-disc | {result['temperature_gate']['profile']}")
     # the checkpoint names the LM it belongs to by its weights' fingerprint: phase 3 refuses any other q0
-    out.save_final({"kind": "disc", "format": 2, "disc_config": disc.config, "model": disc.state_dict(),
-                    "fingerprint": weights_fingerprint(disc.state_dict()), "lm_fingerprint": lm_ck["fingerprint"],
-                    "vocab_hash": lm_ck["vocab_hash"], "key": out.key, "result": result})
+    out.save_final(disc_checkpoint(disc, lm_ck, out.key, result))
     log(f"train-disc | done: {out.path}" + ("" if name == "disc" else f" (for phase 3: finetune --disc {out.path})"))
     return result
 
@@ -1699,9 +1697,7 @@ def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) 
     result = transfer_result(lm, disc, corpus, truth, cfg, device, log) | {
         "transferred_from": str(source.resolve()), "source_lm": src["lm_fingerprint"], "words_moved": moved,
         "source_valid_disc": src["result"]["valid_disc"]}
-    out.save_final({"kind": "disc", "format": 2, "disc_config": disc.config, "model": disc.state_dict(),
-                    "fingerprint": weights_fingerprint(disc.state_dict()), "lm_fingerprint": lm_ck["fingerprint"],
-                    "vocab_hash": lm_ck["vocab_hash"], "key": out.key, "result": result})
+    out.save_final(disc_checkpoint(disc, lm_ck, out.key, result))
     log(f"transfer-disc | done: {out.path} (for phase 3: finetune --disc {out.path})")
     return result
 
@@ -2386,6 +2382,14 @@ def lm_checkpoint(model: LSTMLM, corpus: Corpus, key: dict, result: dict, data: 
             "fingerprint": weights_fingerprint(state), "vocab": corpus.vocab, "vocab_size": len(corpus.vocab),
             "vocab_hash": vocab_hash(corpus.vocab), "data": str(data), "holdout": holdout, "key": key,
             "result": result}
+
+
+def disc_checkpoint(disc: Discriminator, lm_ck: dict, key: dict, result: dict) -> dict:
+    """The same for a discriminator, which also names the LM it belongs to by that LM's fingerprint."""
+    state = disc.state_dict()
+    return {"kind": "disc", "format": 2, "disc_config": disc.config, "model": state,
+            "fingerprint": weights_fingerprint(state), "lm_fingerprint": lm_ck["fingerprint"],
+            "vocab_hash": lm_ck["vocab_hash"], "key": key, "result": result}
 
 
 def lm_from_checkpoint(ck: dict, device: torch.device) -> LSTMLM:
