@@ -920,7 +920,8 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
         log(f"train-disc | {result['temperature_gate']['profile']}")
     # the checkpoint names the LM it belongs to by its weights' fingerprint: phase 3 refuses any other q0
     out.save_final(disc_checkpoint(disc, lm_ck, out.key, result))
-    log(f"train-disc | done: {out.path}" + ("" if name == "disc" else f" (for phase 3: finetune --disc {out.path})"))
+    log(f"train-disc | done: {out.path}" + ("" if name == "disc" else f" (for phase 3: finetune{run_hint(run)} --disc "
+                                                                      f"{out.path})"))
     return result
 
 
@@ -1646,14 +1647,20 @@ def temperature_profile(lm: nn.Module, disc: TemperatureDiscriminator, source: t
 
 # Moving a discriminator to another LM (route 2 of README.md's results). A discriminator learned on the held-out slice
 # of section 11 was fitted against the LM that gave that slice up; the LM a user wants is the one that read all the
-# text. The kinds of this section read nothing but q0's prediction (log q0(w|c), its entropy, its top
-# log-probability), the recent words, and the class of w's training count: all of it is defined for any LM of the
-# same vocabulary. So one can be fitted out of fold and then applied, unchanged, to the LM trained on everything, as
-# scikit-learn's CalibratedClassifierCV(ensemble=False) does with a calibrator. `transfer-disc` does this on request
-# and says so: it recounts the count classes on the new LM's training text, measures the phase-2 diagnostics against
-# the new q0, and writes a checkpoint that names the new LM, so that phase 3's check (section 18) still holds.
-# The paper's LSTM discriminator, and any kind with one b_w per word, stay with their own q0: their weights are
-# fitted to that q0's errors context by context or word by word, and s = log p - log q0 holds for that q0 alone.
+# text. What decides whether its numbers can serve another LM is what they describe:
+# - the LSTM discriminator never reads q0 (section 3): its s is a function of the words alone, fitted to what one
+#   particular q0 got wrong, context by context. Given another q0, the same s would correct errors that LM may
+#   not make. Likewise one b_w per word is that q0's error on that one word.
+# - the kinds of this section compute s from whatever q0 they are given: a(c) from its entropy and its top
+#   log-probability, a factor per class of training counts, a factor for recent words. Their few numbers describe
+#   how an LM of this kind errs on new text (over-confident by so much, rare words under-predicted by so much), and
+#   every feature they read (q0's prediction, the recent words, count classes) is defined for any LM of the same
+#   vocabulary.
+# So one of these can be fitted out of fold and then applied, unchanged, to the LM trained on everything, as
+# scikit-learn's CalibratedClassifierCV(ensemble=False) does with a calibrator. It is an assumption, that the new
+# LM errs as the old one did, and the diagnostics check it: `transfer-disc` recounts the count classes on the new
+# LM's training text, prints L_D against the new q0 beside L_D against the old one (below chance: it still finds
+# the new LM's errors), and writes a checkpoint that names the new LM, so that phase 3's check (section 18) holds.
 
 def transferable(config: dict) -> bool:
     """Whether every parameter of a discriminator is defined for any LM: no LSTM, and no term of its own per word."""
@@ -1675,12 +1682,16 @@ def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) 
     """Apply the discriminator `source` to RUN/lm.pt; write RUN/<its name>-from-<its run folder>.pt."""
     src = finished_input(source, "disc", "python lmdisc.py train-disc")
     config = src["disc_config"]
-    need(transferable(config), f"{source} is a {config['arch']} discriminator with word bias {config['word_bias']}: "
-                               f"only the kinds of section 12 with --word-bias bucket can serve another LM")
+    need(transferable(config), f"{source} (--arch {config['arch']} --word-bias {config['word_bias']}) holds what its own "
+                               f"q0 got wrong, not how LMs err: only --arch unigram, temperature or recency with "
+                               f"--word-bias bucket can move; train one for this LM: "
+                               f"python lmdisc.py train-disc{run_hint(run)}")
+    need("transferred_from" not in src["result"], f"{source} was itself moved, from "
+                                                  f"{src['result'].get('transferred_from')}: move that one")
     lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
     need(src["vocab_hash"] == lm_ck["vocab_hash"], f"{source} was trained on another vocabulary than the LM")
-    need(src["lm_fingerprint"] != lm_ck["fingerprint"], f"{source} already belongs to {run / 'lm.pt'}: pass it to "
-                                                        f"finetune --disc as it is")
+    need(src["lm_fingerprint"] != lm_ck["fingerprint"], f"{source} already belongs to {run / 'lm.pt'}: use it as it "
+                                                        f"is (finetune{run_hint(run)} --disc {source})")
     data, cfg = Path(lm_ck["data"]), src["key"]["config"]              # the source's phase-2 settings, kept
     out = Output(run / f"{source.stem}-from-{source.resolve().parent.name}.pt", "disc",
                  {"config": cfg, "source": src["fingerprint"], "lm": lm_ck["fingerprint"],
@@ -1697,8 +1708,11 @@ def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) 
     result = transfer_result(lm, disc, corpus, truth, cfg, device, log) | {
         "transferred_from": str(source.resolve()), "source_lm": src["lm_fingerprint"], "words_moved": moved,
         "source_valid_disc": src["result"]["valid_disc"]}
+    log(f"transfer-disc | L_D on {result['valid_text']}: {result['valid_disc']['L_D']:.5f} against the new q0, "
+        f"{src['result']['valid_disc']['L_D']:.5f} against its own (chance {CHANCE_L_D:.5f}); the move holds only "
+        f"while it stays below chance")
     out.save_final(disc_checkpoint(disc, lm_ck, out.key, result))
-    log(f"transfer-disc | done: {out.path} (for phase 3: finetune --disc {out.path})")
+    log(f"transfer-disc | done: {out.path} (for phase 3: finetune{run_hint(run)} --disc {out.path})")
     return result
 
 
@@ -2145,7 +2159,6 @@ def add_part2_subcommands(sub) -> None:
                    help=f"the run folder (default: runs/{DEFAULT_PRESET})")
     p.add_argument("--finetune", type=Path, help="the fine-tune folder to analyse (default: RUN/finetune)")
 
-    # the synthetic corpus is only ever written by this command, never as a side effect of `--data synthetic`
     # section 12: a discriminator with a handful of parameters, fitted against one LM, applied to another (route 2)
     text = ("apply a discriminator of section 12 to another LM of the same vocabulary (one fitted on a held-out "
             "slice, to the LM that read it all)")
@@ -2158,6 +2171,7 @@ def add_part2_subcommands(sub) -> None:
                    help=f"the run folder whose lm.pt it is moved to, and where it is written (default: "
                         f"runs/{DEFAULT_PRESET})")
 
+    # the synthetic corpus is only ever written by this command, never as a side effect of `--data synthetic`
     p = sub.add_parser("make-synthetic", help="write a corpus drawn from a known bigram model (true p is known)")
     p.set_defaults(handler=lambda a: make_synthetic(a.out))
     p.add_argument("--out", type=Path, default=HERE / "synthetic", help="folder to write (default: synthetic/ beside "
@@ -2337,6 +2351,8 @@ REQUIRED = {"lm": ("model_config", "model", "fingerprint", "vocab", "vocab_hash"
 def load_checkpoint(path: Path | str, kind: str) -> dict:
     """Load with weights_only=True (no code runs at load time) and check that it is the kind of file we expect."""
     path = Path(path)
+    if path.is_dir():
+        raise LmdiscError(f"{path} is a folder: pass the checkpoint file in it (a .pt file)")
     if not path.is_file():
         raise LmdiscError(f"checkpoint {path} does not exist")
     try:
@@ -2421,8 +2437,10 @@ def frozen_disc(ck: dict, path: Path, lm_ck: dict, device: torch.device) -> Disc
     if ck["vocab_hash"] != lm_ck["vocab_hash"]:
         raise LmdiscError(f"{path} was trained on another vocabulary than the LM")
     if ck["lm_fingerprint"] != lm_ck["fingerprint"]:
-        raise LmdiscError(f"{path} was trained against an LM with weights {ck['lm_fingerprint']}, but this LM has "
-                          f"{lm_ck['fingerprint']}: s = log p - log q0 only holds for its own q0")
+        move = (" (this kind can be moved to it: `python lmdisc.py transfer-disc --disc PATH --run RUN`)"
+                if transferable(ck["disc_config"]) else "")
+        raise LmdiscError(f"{path} belongs to an LM with weights {ck['lm_fingerprint']}, but this LM has "
+                          f"{lm_ck['fingerprint']}: s = log p - log q0 only holds for its own q0{move}")
     disc = disc_from_config(ck["disc_config"])
     disc.load_state_dict(ck["model"])
     return disc.to(device).eval().requires_grad_(False)

@@ -686,7 +686,7 @@ def test_finetune_refuses_a_discriminator_of_another_lm(synthetic_run, tmp_path)
     ck["model"] = {k: v + 0.01 for k, v in ck["model"].items()}
     ck["fingerprint"] = L.weights_fingerprint(ck["model"])
     L.save_checkpoint(tmp_path / "lm.pt", ck)
-    with pytest.raises(L.LmdiscError, match="trained against an LM"):
+    with pytest.raises(L.LmdiscError, match="belongs to an LM with weights .* only holds for its own q0$"):
         L.run_finetune(tmp_path, tmp_path / "ft", FINETUNE, root / "run" / "disc.pt", 0, CPU, log=quiet)
 
 
@@ -973,11 +973,15 @@ def test_transfer_disc_moves_a_small_discriminator_to_another_lm_and_refuses_the
     torch.testing.assert_close(disc(x, (), log_q0.float())[0].double(), expected, atol=1e-4, rtol=1e-4)
     assert result["valid_disc"]["L_D"] == pytest.approx(L.disc_metrics(lm, disc, L.eval_data(corpus.valid, CPU, 20_000),
                                                                        20)["L_D"])
-    with pytest.raises(L.LmdiscError, match="trained against an LM with weights"):
+    with pytest.raises(L.LmdiscError, match="belongs to an LM with weights.*transfer-disc"):
         L.frozen_disc(src, held / "disc.pt", lm_ck, CPU)
     assert L.run_transfer_disc(held / "disc.pt", full, CPU, log=quiet) == result               # up to date
-    with pytest.raises(L.LmdiscError, match="only the kinds of section 12 with --word-bias bucket"):
+    with pytest.raises(L.LmdiscError, match="--arch lstm .* holds what its own q0 got wrong.*train-disc --run"):
         L.run_transfer_disc(root / "run" / "disc.pt", full, CPU, log=quiet)                   # the paper's LSTM
     with pytest.raises(L.LmdiscError, match="already belongs to"):
-        L.run_transfer_disc(full / "disc-from-held.pt", full, CPU, log=quiet)
+        L.run_transfer_disc(held / "disc.pt", held, CPU, log=quiet)
+    with pytest.raises(L.LmdiscError, match="was itself moved, from .*held.disc.pt: move that one"):
+        L.run_transfer_disc(full / "disc-from-held.pt", held, CPU, log=quiet)
+    with pytest.raises(L.LmdiscError, match="is a folder: pass the checkpoint file"):
+        L.run_transfer_disc(held, full, CPU, log=quiet)
     assert not L.transferable({"arch": "temperature", "word_bias": "word"})            # b_w fitted word by word
