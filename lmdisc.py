@@ -922,6 +922,8 @@ def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.dev
     out.save_final(disc_checkpoint(disc, lm_ck, out.key, result))
     log(f"train-disc | done: {out.path}" + ("" if name == "disc" else f" (for phase 3: finetune{run_hint(run)} --disc "
                                                                       f"{out.path})"))
+    if cfg.split == "holdout" and transferable(disc.config):          # Part II: for the LM that read everything
+        log(f"train-disc | to use it with another LM: transfer-disc --disc {out.path} --run OTHER_RUN")
     return result
 
 
