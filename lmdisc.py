@@ -1680,9 +1680,9 @@ def rebound_disc(src: dict, counts: torch.Tensor) -> tuple[Discriminator, int]:
     return disc, moved
 
 
-def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) -> dict:
-    """Apply the discriminator `source` to RUN/lm.pt; write RUN/<its name>-from-<its run folder>.pt."""
-    src = finished_input(source, "disc", "python lmdisc.py train-disc")
+def check_transfer(src: dict, source: Path, lm_ck: dict, run: Path) -> None:
+    """One line for each move that cannot be made: a kind that holds one q0's errors, a copy already moved, another
+    vocabulary, or the LM it already belongs to."""
     config = src["disc_config"]
     need(transferable(config), f"{source} (--arch {config['arch']} --word-bias {config['word_bias']}) holds what its own "
                                f"q0 got wrong, not how LMs err: only --arch unigram, temperature or recency with "
@@ -1690,10 +1690,17 @@ def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) 
                                f"python lmdisc.py train-disc{run_hint(run)}")
     need("transferred_from" not in src["result"], f"{source} was itself moved, from "
                                                   f"{src['result'].get('transferred_from')}: move that one")
-    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
     need(src["vocab_hash"] == lm_ck["vocab_hash"], f"{source} was trained on another vocabulary than the LM")
     need(src["lm_fingerprint"] != lm_ck["fingerprint"], f"{source} already belongs to {run / 'lm.pt'}: use it as it "
                                                         f"is (finetune{run_hint(run)} --disc {source})")
+
+
+def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) -> dict:
+    """Apply the discriminator `source` to RUN/lm.pt; write RUN/<its name>-from-<its run folder>.pt."""
+    src = finished_input(source, "disc", "python lmdisc.py train-disc")
+    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
+    check_transfer(src, source, lm_ck, run)
+    config = src["disc_config"]
     data, cfg = Path(lm_ck["data"]), src["key"]["config"]              # the source's phase-2 settings, kept
     out = Output(run / f"{source.stem}-from-{source.resolve().parent.name}.pt", "disc",
                  {"config": cfg, "source": src["fingerprint"], "lm": lm_ck["fingerprint"],
