@@ -1438,6 +1438,11 @@ def split_holdout(train: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch
     return train[:cut], train[cut:]
 
 
+def lm_training_counts(corpus: Corpus, lm_ck: dict) -> torch.Tensor:
+    """How often each word occurs in the text the LM of checkpoint `lm_ck` learned from (not its held-out slice)."""
+    return torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
+
+
 def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The text the discriminator learns on: the LM's own (the paper), the held-out slice, or half of validation.
 
@@ -1708,7 +1713,7 @@ def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) 
     if (done := out.finished(log)) is not None:
         return done["result"]
     corpus = prepare_corpus(data, log)
-    counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
+    counts = lm_training_counts(corpus, lm_ck)
     disc, moved = rebound_disc(src, counts)
     lm, disc = frozen_lm(lm_ck, corpus, device), disc.to(device).eval().requires_grad_(False)
     log(f"transfer-disc | {config['arch']} discriminator {source} (fitted against LM {src['lm_fingerprint']}) -> "
@@ -1731,12 +1736,13 @@ def transfer_result(lm: LSTMLM, disc: Discriminator, corpus: Corpus, truth: torc
     (the validation text its split leaves, and test), and its fitted numbers with a(c) on the new LM's contexts."""
     valid, valid_name = validation_text(cfg["split"], corpus.valid)
     result = {"eval_tokens": cfg["eval_tokens"], "valid_text": valid_name}
-    for split, name, text in (("valid", valid_name, valid), ("test", "test", corpus.test)):
-        result[f"{split}_disc"] = disc_metrics(lm, disc, eval_data(text, device, cfg["eval_tokens"]), cfg["bptt"], truth)
+    valid_data = eval_data(valid, device, cfg["eval_tokens"])
+    for split, name, data in (("valid", valid_name, valid_data),
+                              ("test", "test", eval_data(corpus.test, device, cfg["eval_tokens"]))):
+        result[f"{split}_disc"] = disc_metrics(lm, disc, data, cfg["bptt"], truth)
         log(f"transfer-disc | {name} | {disc_line(result[f'{split}_disc'])}")
     if not isinstance(disc, TemperatureDiscriminator):                  # a unigram one: only its b per class
         return result
-    valid_data = eval_data(valid, device, cfg["eval_tokens"])
     result["temperature_gate"] = temperature_gate(disc) | temperature_profile(lm, disc, valid_data, cfg["bptt"])
     log(f"transfer-disc | fitted, unchanged: {result['temperature_gate']['text']}")
     log(f"transfer-disc | {result['temperature_gate']['profile']}")
@@ -1930,7 +1936,7 @@ def run_analyze(run: Path, folder: Path, log=print) -> dict:
     targets, logps = test_log_probs([q0, p_hat] + arm_models, test)
     # how often each word occurs in the LM's training text: "rare" means rare there (`tiny`'s LM reads only
     # 200,000 of its tokens, so there a word counted a few times may never have been read)
-    counts = torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
+    counts = lm_training_counts(corpus, lm_ck)
     word_rows = lambda grouping, word_bucket, labels: bucket_rows(grouping, word_bucket[targets], labels, logps, names)
     # and by recency (section 12): was the word among the last RECENCY_WINDOW words of the text before it?
     recent = in_target_order(recently_seen(tokens_for_eval(corpus.test, eval_tokens)))
@@ -2446,7 +2452,7 @@ def frozen_disc(ck: dict, path: Path, lm_ck: dict, device: torch.device) -> Disc
     if ck["vocab_hash"] != lm_ck["vocab_hash"]:
         raise LmdiscError(f"{path} was trained on another vocabulary than the LM")
     if ck["lm_fingerprint"] != lm_ck["fingerprint"]:
-        move = (" (this kind can be moved to it: `python lmdisc.py transfer-disc --disc PATH --run RUN`)"
+        move = (f" (this kind can be moved to it: `python lmdisc.py transfer-disc --disc {path} --run RUN`)"
                 if transferable(ck["disc_config"]) else "")
         raise LmdiscError(f"{path} belongs to an LM with weights {ck['lm_fingerprint']}, but this LM has "
                           f"{lm_ck['fingerprint']}: s = log p - log q0 only holds for its own q0{move}")
