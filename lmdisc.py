@@ -145,8 +145,7 @@ class LSTMLM(nn.Module):
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
 
-    def init_hidden(self, bsz: int):
-        """(h, c) before any text: zeros of shape (layers, batch, nhid)."""
+    def init_hidden(self, bsz: int):                 # (h, c) before any text: zeros, (layers, batch, nhid)
         shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
         return self.decoder.bias.new_zeros(shape), self.decoder.bias.new_zeros(shape)
 
@@ -265,7 +264,7 @@ def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.
 def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Tensor | None, log_q0: torch.Tensor,
                   s: torch.Tensor, kl_weight: float):
     """Phase 3's objective: (loss, CE, KL), each a mean over positions. log_q: the model's log-probabilities on
-    the CE pass; log_q_kl: those on the dropout-free pass the KL term reads (section 7)."""
+    the CE pass; log_q_kl: those on the dropout-free pass the KL term reads (section 8)."""
     # CE = -mean log q(w_real | c): the forward KL(p || q) up to the constant entropy of p. It punishes q for
     # missing a word p produces (mass-covering); the reverse KL below punishes q for mass p does not have
     # (mode-seeking): together they pull q toward p from both sides.
@@ -306,9 +305,8 @@ class Loop:
 def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cfg: Loop, out,
         validate_first: bool = False) -> dict:
     """Train `model` on the batchified `data`; return the loop's record, with the best weights loaded."""
-    per_epoch = len(range(0, data.size(0) - 1, cfg.bptt))
-    if cfg.max_tokens:
-        per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1))))
+    per_epoch = len(range(0, data.size(0) - 1, cfg.bptt))              # batches in a pass; max_tokens caps it
+    per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1)))) if cfg.max_tokens else per_epoch
     total = cfg.epochs * per_epoch
     loop = out.resume(model, optimizer) or dict(step=0, lr=cfg.lr, best=math.inf, best_step=0, bad=0, history=[],
                                                  validated=-1 if validate_first else 0, stop=False, seconds=0.0)
@@ -360,9 +358,7 @@ def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: L
     out.keep_progress(model, optimizer, loop)       # a killed process loses at most the steps since this line
 
 def set_lr(optimizer, loop: dict, lr: float) -> None:
-    loop["lr"] = lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    loop["lr"], optimizer.param_groups[0]["lr"] = lr, lr          # one group: every parameter at one lr
 
 @torch.no_grad()
 def stream(models: list, source: torch.Tensor, bptt: int = 35):
@@ -396,9 +392,9 @@ def eval_data(tokens: torch.Tensor, device, limit: int = 0) -> torch.Tensor:
 def lm_validate(model: LSTMLM, valid: torch.Tensor):
     """Phases 1 and 3 validate on CE. Worse than a uniform guess over the V words: the run diverged (inf)."""
     ce = lm_cross_entropy(model, valid)
-    bad = ce > math.log(model.config["vocab_size"])
-    return math.inf if bad else ce, {"valid_ppl": perplexity(ce)}, f"valid ppl {perplexity(ce):8.2f}" + \
-        " (worse than a uniform guess)" * bad
+    if ce > math.log(model.config["vocab_size"]):
+        return math.inf, {}, f"validation perplexity {perplexity(ce):.4g} is worse than a uniform guess"
+    return ce, {"valid_ppl": perplexity(ce)}, f"valid ppl {perplexity(ce):8.2f}"
 
 
 # =====================================================================================================================
@@ -419,14 +415,12 @@ def run_train(run: Path, corpus: Corpus, text, valid, size: dict, cfg: Loop, see
     # plain SGD at lr 20 with the gradient's norm clipped to 0.25: the classic recipe for LSTM LMs on PTB
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
-
     def batch_loss(x, y, hidden):
         model.train()                               # dropout on
         logits, hidden["lm"] = model(x, detach(hidden["lm"]))          # (35, 20, V)
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())        # against the next words y (35, 20)
         return ce, {"ce": ce}
-    print(f"train | LSTM {size['nlayers']}x{size['nhid']}, dropout {size['dropout']}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters | seed {seed} | {device}")
+    print(f"train | LSTM {size} | {sum(p.numel() for p in model.parameters()):,} parameters | seed {seed}")
     loop = fit("train", model, optimizer, batch_loss, lambda b: {"lm": model.init_hidden(b)},
                lambda: lm_validate(model, valid_data), train_data, cfg, out)
     result = {"valid_ppl": perplexity(loop["best"]), "steps": loop["step"], "best_step": loop["best_step"],
@@ -481,14 +475,6 @@ def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus) -> dict
         n += y.numel()
     return {k: v / n for k, v in sums.items()}
 
-def disc_line(m: dict) -> str:
-    """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
-    calls a real word real and a q0 word fake, then the other diagnostics (ce_X shown as its perplexity)."""
-    extra = [f"ppl {k[3:]} {perplexity(v):.2f}" if k.startswith("ce_") else f"{k} {v:+.4f}"
-             for k, v in m.items() if k not in ("L_D", "acc_real", "acc_q0", "step", "lr")]
-    return " | ".join([f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f})",
-                       f"acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f}"] + extra)
-
 def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: str, size: dict, negatives: str,
                    cfg: Loop, seed: int, device) -> dict:
     """Phase 2: a discriminator of kind `arch` against the frozen q0, learning on the text DISC_TEXTS[split] names;
@@ -502,7 +488,6 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
     q0 = load_lm(lm_ck, corpus, device)             # frozen: phase 2 only reads its predictions
     disc = DISCRIMINATORS[arch](size, q0, corpus).to(device)
     train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
-
     def batch_loss(x, y, hidden):
         with torch.no_grad():                       # q0 is frozen: no graph
             logits, hidden["q0"] = q0(x, hidden["q0"])
@@ -511,7 +496,6 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
         s, hidden["disc"] = disc(x, detach(hidden["disc"]))           # (35, 20, V)
         l_d = discriminator_loss(s, y, log_q0, negatives)
         return l_d, {"L_D": l_d}
-
     def validate():                                 # the loss it minimises, on text it did not learn from
         m = disc_metrics(q0, disc, valid_data, corpus)
         return m["L_D"], m, disc_line(m)
@@ -553,9 +537,8 @@ def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
 # never helps hands back q0 itself.
 #
 # The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
-# runs with dropout: its q is noisier and flatter than q0, and KL read on it is larger than KL(q0 || p_hat) before
-# q has moved at all. So the KL term reads a second, dropout-free pass of the same weights (logs/README.md: the
-# two compared).
+# runs with dropout: its q is noisier and flatter than q0, and KL read on it exceeds KL(q0 || p_hat) before q has
+# moved at all. So the KL term reads a second, dropout-free pass of the same weights (logs/README.md compares both).
 
 FINETUNE_REPORTS = []                             # more rows and lines beside the table, once both arms finished
 
@@ -569,7 +552,6 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
     q = LSTMLM(**lm_ck["config"]).to(device)
     q.load_state_dict(lm_ck["model"])               # q = q0 at step 0; q0 stays beside it as p_hat's anchor
     weight = kl_weight if arm == "kl" else 0.0
-
     def batch_loss(x, y, hidden):
         q.train()                                   # the CE pass: dropout on, as in phase 1
         logits, hidden["q"] = q(x, detach(hidden["q"]))
@@ -587,21 +569,18 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits_kl, -1), log_q0, s, weight)
         return loss, {"ce": ce, "kl": kl}
-    hidden = lambda b: {"q": q.init_hidden(b), "q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
-                        "disc": disc.init_hidden(b)}
+    hidden = lambda b: {"q": q.init_hidden(b), "q_kl": q.init_hidden(b), "q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}
     loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, hidden,
                lambda: lm_validate(q, valid), text, cfg, out, validate_first=True)
     result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],
-              "steps": loop["step"], "best_step": loop["best_step"],
-              "ms_per_batch": round(1000 * loop["seconds"] / max(loop["step"], 1), 1)}
+              "best_step": loop["best_step"], "ms_per_batch": round(1000 * loop["seconds"] / loop["step"], 1)}
     out.save(lm_checkpoint(q, corpus, result))
     return result
 
 def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text, valid, valid_name: str, cfg: Loop,
                  kl_weight: float, seed: int, device) -> dict:
     """Phase 3 and its control, learning on `text` and validating on `valid`, into `folder`; then the table."""
-    key = {"lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"], "loop": cfg, "kl_weight": kl_weight,
-           "seed": seed}
+    key = {"lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"], "loop": cfg, "kl_weight": kl_weight, "seed": seed}
     out = Output(folder / "finetune.pt", "finetune", key)
     if (done := out.done()) is not None:
         print(done["result"]["table"])
@@ -637,41 +616,33 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
 # =====================================================================================================================
 # 9. Presets: one setting of every phase, as plain data (the header of nanoGPT's train.py)
 # =====================================================================================================================
-# `--preset NAME` selects one, a flag changes one value. The subcommands (section 19) pick the texts each phase
-# learns and validates on (the LM's training text and valid, as in the paper) and call the phase.
+# `--preset NAME` selects one, a flag changes one value; the subcommands (section 19) give each phase the texts
+# it learns and validates on (the LM's training text and valid, as in the paper).
 
-@dataclass(frozen=True)
-class Preset:
-    lm: dict                      # phase 1's LSTM (section 2)
-    train: Loop
-    disc: dict                    # the paper's LSTM discriminator (section 3)
-    train_disc: Loop
-    finetune: Loop
-
+# lm: phase 1's LSTM (section 2); disc: the paper's LSTM discriminator (section 3); then each phase's Loop.
 PRESETS = {
     # tiny: a first look in about a minute on 2 CPU cores, on slices of the text. Its numbers show the mechanics,
     # not the method's merit: a 1x64 LSTM that read 200,000 tokens once leaves much for anyone to find.
-    "tiny": Preset(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
-                   train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
-                   disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
-                   # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
-                   train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
-                   finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=25)),
+    "tiny": dict(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
+                 train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
+                 disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
+                 # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
+                 train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
+                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=25)),
     # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
     # out, so from epoch 11 the lr is divided by 4 every epoch (about an hour: valid 95.05, test 91.41).
-    "small": Preset(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
-                    train=Loop(lr=20.0, epochs=14, decay_start=11, log_interval=200),
-                    disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
-                    # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
-                    train_disc=(DISC_LOOP := Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100)),
-                    # a fine-tune is a short walk from q0: a fifth of an epoch, validated every 100 steps
-                    finetune=(FINETUNE_LOOP := Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3))),
-    # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured)
-    "medium": Preset(lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5),
-                     train=Loop(lr=20.0, epochs=39, log_interval=200),
-                     disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5), train_disc=DISC_LOOP,
-                     finetune=FINETUNE_LOOP),
+    "small": dict(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
+                  train=Loop(lr=20.0, epochs=14, decay_start=11, log_interval=200),
+                  disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
+                  # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
+                  train_disc=Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
+                  # a fine-tune is a short walk from q0: a fifth of an epoch, validated every 100 steps
+                  finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3)),
 }
+# medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured); phases 2 and 3 as in small
+PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5),
+                         train=Loop(lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1,
+                                                                                    dropout=0.5))
 
 
 # #####################################################################################################################
@@ -759,6 +730,7 @@ class TemperatureDiscriminator(nn.Module):
         a, s0 = self.a_s0(log_q0)
         return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.bias[self.word_class], hidden
 
+@torch.no_grad()
 def temperature_report(q0, disc, valid) -> dict:
     """Its numbers, readable, and a(c) where it matters: on validation contexts by thirds of q0's entropy."""
     if not isinstance(disc, TemperatureDiscriminator):
@@ -815,6 +787,8 @@ def bigram_table(n: int, successors: int, eps: float, zipf: float, gen) -> torch
 
 def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, tokens=(200_000, 20_000, 20_000)):
     """Write ptb.{train,valid,test}.txt and the true table to `out`, never over files it did not write."""
+    need(not any(out.glob("ptb.*.txt")) or (out / "synthetic_truth.pt").exists(), f"{out} holds text files "
+         f"make-synthetic did not write: the program never replaces a file it did not write; choose another --out")
     gen = torch.Generator().manual_seed(0)          # the corpus depends on nothing drawn before
     words, table = [EOS] + [f"w{i}" for i in range(1, n_words + 1)], bigram_table(n_words + 1, successors, eps, zipf, gen)
     texts = {}
@@ -903,6 +877,12 @@ def paired_bootstrap(nll_a, nll_b, sentence, draws: int = 1000, seed: int = 0) -
     return {"change": math.expm1(float((per[0].sum() - per[1].sum()) / per[2].sum())), "low": lo, "high": hi,
             "sentences": per.size(1)}
 
+def sentence_of_targets(source: torch.Tensor, eos: int) -> torch.Tensor:
+    """The sentence number of each target, in the order test_log_probs returns them: number the sentences of the
+    text (its columns end to end), then read the numbers as the targets come: the batchified rows less the first."""
+    is_eos = (source.t().flatten() == eos).long().cpu()
+    return (torch.cumsum(is_eos, 0) - is_eos).view(source.size(1), -1).t()[1:].flatten()
+
 @torch.no_grad()
 def test_log_probs(models: list, test: torch.Tensor):
     """(targets, log q(target) of each model), one per test token in stream order. Allocated once, up front: many
@@ -924,11 +904,7 @@ def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
     targets, logps = test_log_probs(list(cands.values()), test)
     ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(cands, logps)}
     best = min(list(cands)[:3], key=ppl.get)
-    # the sentence of each target: number the sentences of the text (its columns, end to end), then read the
-    # numbers in the order test_log_probs returns targets, which is the text's batchified rows less the first
-    eos = (test.t().flatten() == corpus.vocab.index(EOS)).long().cpu()
-    sentence = (torch.cumsum(eos, 0) - eos).view(test.size(1), -1).t()[1:].flatten()
-    boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)], sentence)
+    boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)], sentence_of_targets(test, corpus.vocab.index(EOS)))
     tempered = list(cands)[1]
     return {"beta": beta, "best_baseline": best, "bootstrap": boot, "rows": [(tempered, perplexity(lm_cross_entropy(
         cands[tempered], valid)), ppl[tempered], None)], "lines": [
@@ -1336,6 +1312,14 @@ def lock(run: Path):
 # 19. The command line: flags, the subcommands, the entry point
 # =====================================================================================================================
 
+def disc_line(m: dict) -> str:
+    """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
+    calls a real word real and a q0 word fake, then the other diagnostics (ce_X shown as its perplexity)."""
+    extra = [f"ppl {k[3:]} {perplexity(v):.2f}" if k.startswith("ce_") else f"{k} {v:+.4f}"
+             for k, v in m.items() if k not in ("L_D", "acc_real", "acc_q0", "step", "lr")]
+    return " | ".join([f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f})",
+                       f"acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f}"] + extra)
+
 def in_range(lo, hi, cast=float):
     """An argparse type that rejects a value outside [lo, hi] (or nan) before any work: a usage line, exit 2."""
     def parse(text: str):
@@ -1359,17 +1343,17 @@ def variant(stem: str, args, lm_ck: dict, **defaults):
     """Each setting's value (its flag, or its default), and the output's name: "disc" for the defaults,
     "disc-arch-temperature-lr-0.01" for others, so that a variant never overwrites another run's files."""
     values = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()}
-    parts = [f"{k.replace('_', '-')}-{v.stem if isinstance(v, Path) else f'{v:g}' if isinstance(v, float) else v}"
-             for k, v in values.items() if v != defaults[k]]
+    text = lambda k, v: v.stem if isinstance(v, Path) else f"{k.replace('_', '-')}-{v:g}" if isinstance(v, float) \
+        else f"{k.replace('_', '-')}-{v}"
+    parts = [text(k, v) for k, v in values.items() if text(k, v) != text(k, defaults[k])]
     # another seed than the LM's is a variant too: `pipeline --seed 2` then `finetune --seed 2` is the same run
     return values, "-".join([stem] + parts + ([f"seed-{args.seed}"] if args.seed != lm_ck["key"]["seed"] else []))
 
 def cmd_train(args) -> None:
     corpus, p = prepare_corpus(args.data), PRESETS[args.preset]
-    cfg = dataclasses.replace(p.train, lr=args.lr or p.train.lr, epochs=args.epochs or p.train.epochs)
-    run_train(args.run or DEFAULT_RUNS / args.preset, corpus, corpus.train, corpus.valid, p.lm, cfg, args.seed,
+    cfg = dataclasses.replace(p["train"], lr=args.lr or p["train"].lr, epochs=args.epochs or p["train"].epochs)
+    run_train(args.run or DEFAULT_RUNS / args.preset, corpus, corpus.train, corpus.valid, p["lm"], cfg, args.seed,
               pick_device(args.device))
-
 
 def cmd_train_disc(args) -> None:
     """Phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
@@ -1377,11 +1361,10 @@ def cmd_train_disc(args) -> None:
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
     # the text it learns on and the one it validates on: the LM's own and valid (the paper), or section 11's
     corpus = prepare_corpus(lm_ck["data"])
-    s, name = variant("disc", args, lm_ck, lr=p.train_disc.lr, epochs=p.train_disc.epochs, arch="lstm",
+    s, name = variant("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm",
                       split="train", negatives="exact")
-    run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p.disc, s["negatives"],
-                   dataclasses.replace(p.train_disc, lr=s["lr"], epochs=s["epochs"]), args.seed, pick_device(args.device))
-
+    run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p["disc"], s["negatives"],
+                   dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"]), args.seed, pick_device(args.device))
 
 def cmd_finetune(args) -> None:
     """Phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
@@ -1391,10 +1374,9 @@ def cmd_finetune(args) -> None:
                               "python lmdisc.py train-disc")
     corpus = prepare_corpus(lm_ck["data"])
     _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text the discriminator learned on
-    s, name = variant("finetune", args, lm_ck, lr=p.finetune.lr, kl_weight=1.0, disc=run / "disc.pt")
+    s, name = variant("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=1.0, disc=run / "disc.pt")
     run_finetune(run / name, lm_ck, disc_ck, corpus, corpus.train, valid, valid_name,
-                 dataclasses.replace(p.finetune, lr=s["lr"]), s["kl_weight"], args.seed, pick_device(args.device))
-
+                 dataclasses.replace(p["finetune"], lr=s["lr"]), s["kl_weight"], args.seed, pick_device(args.device))
 
 def cmd_pipeline(args) -> None:
     """The three phases with the preset's settings, then the rare-word table: the same functions as by hand."""
@@ -1432,7 +1414,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "test}.txt (default: ptb/, downloaded there on first use)")
     for name, phase, what in [("train", "train", "SGD"), ("train-disc", "train_disc", "Adam"),
                               ("finetune", "finetune", "Adam")]:
-        values = {k: getattr(getattr(v, phase), "lr") for k, v in PRESETS.items()}
+        values = {k: v[phase].lr for k, v in PRESETS.items()}
         p[name].add_argument("--lr", type=in_range(1e-8, 1e4), help=f"{what} learning rate (default: " +
                              ", ".join(f"{k} {v:g}" for k, v in values.items()) + ")")
     p["train"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over the training text "
@@ -1482,9 +1464,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if s is not None:
-            signal.signal(s, on_signal)
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, on_signal) for s in signals}    # SIGTERM and SIGHUP act as Ctrl-C does
     try:
         held = lock(args.run or DEFAULT_RUNS / args.preset) if args.command in ("train", "train-disc", "finetune",
                                                                                  "pipeline", "analyze") else None
@@ -1503,6 +1484,8 @@ def main(argv=None) -> int:
         return 1
     finally:
         Output.asked = None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 if __name__ == "__main__":
