@@ -1332,6 +1332,8 @@ def in_range(lo, hi, cast=float):
         return v
     return parse
 
+DEVICES = ["auto", "cuda", "mps", "cpu"]
+
 def pick_device(name: str) -> torch.device:
     """auto: CUDA, else Apple's MPS, else the CPU. One asked for and absent is an error, not a silent fall-back."""
     have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
@@ -1389,10 +1391,9 @@ def cmd_pipeline(args) -> None:
     print(f"pipeline | finished in {time.time() - t0:.0f} s: {run / 'finetune' / 'finetune.json'}")
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmdisc.py", description="Fine-tuning of language models with a "
-                                     "discriminator (Popov & Kudinov, arXiv:1811.04623). First run: train, "
-                                     "train-disc, finetune --lr 1e-4; or all of it: pipeline.",
-                                     epilog="`python lmdisc.py SUBCOMMAND --help` lists the flags of each.")
+    parser = argparse.ArgumentParser(prog="lmdisc.py", description="Fine-tuning of language models with a discriminator "
+                                     "(Popov & Kudinov, arXiv:1811.04623). First run: train, train-disc, finetune "
+                                     "--lr 1e-4; or all of it: pipeline. Each SUBCOMMAND --help lists its flags.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     new = lambda name, handler, text: sub.add_parser(name, help=text, description=text).set_defaults(
         handler=handler) or sub.choices[name]
@@ -1401,62 +1402,57 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-disc", cmd_train_disc, "phase 2: train the discriminator against the frozen q0"),
         ("finetune", cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only control"),
         ("pipeline", cmd_pipeline, "phases 1-3 with the preset's settings, then the rare-word table")]}
+    seed = in_range(0, 2 ** 32 - 1, int)
     for name, q in p.items():
-        q.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of "
-                       "the text; small: 2x200, for a CPU (about an hour); medium: 2x650, for a GPU (default: tiny)")
+        q.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of the "
+                       "text; small: 2x200, for a CPU (about an hour); medium: 2x650, for a GPU (default: tiny)")
         q.add_argument("--run", type=Path, help="the folder the phases of a run share (default: runs/PRESET)")
-        q.add_argument("--seed", type=in_range(0, 2 ** 32 - 1, int), default=1111, help="seed of weights and "
-                       "dropout; the same seed gives the same numbers on the same thread count (default: 1111)")
-        q.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: CUDA, "
-                       "else Apple's MPS, else the CPU (default: auto)")
-    for name in ("train", "pipeline"):
-        p[name].add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,"
-                             "test}.txt (default: ptb/, downloaded there on first use)")
-    for name, phase, what in [("train", "train", "SGD"), ("train-disc", "train_disc", "Adam"),
-                              ("finetune", "finetune", "Adam")]:
-        values = {k: v[phase].lr for k, v in PRESETS.items()}
-        p[name].add_argument("--lr", type=in_range(1e-8, 1e4), help=f"{what} learning rate (default: " +
-                             ", ".join(f"{k} {v:g}" for k, v in values.items()) + ")")
+        q.add_argument("--seed", type=seed, default=1111, help="seed of weights and dropout; the same seed gives the "
+                       "same numbers on the same thread count (default: 1111)")
+        q.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else Apple's MPS, else the CPU")
+        if name in ("train", "pipeline"):
+            q.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,test}.txt "
+                           "(default: ptb/, downloaded there on first use)")
+        if name != "pipeline":
+            q.add_argument("--lr", type=in_range(1e-8, 1e4), help=("SGD" if name == "train" else "Adam") +
+                           " learning rate (default: the preset's: " + ", ".join(f"{k} {v[name.replace('-', '_')].lr:g}"
+                                                                                for k, v in PRESETS.items()) + ")")
     p["train"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over the training text "
                             "(default: tiny 1, small 14, medium 39)")
-    p["train-disc"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over the text it learns "
-                                 "on; half of valid needs several (default: 1)")
-    p["train-disc"].add_argument("--arch", choices=list(DISCRIMINATORS), help="lstm: its own LSTM reads the "
-                                 "context (the paper's, the default); temperature: 17 numbers that re-temper q0")
-    p["train-disc"].add_argument("--split", choices=list(DISC_TEXTS), help="the text it learns on: train, the "
-                                 "LM's own (the paper's, the default); valid-a / valid-b, one half of valid")
-    p["train-disc"].add_argument("--negatives", choices=["exact", "sample"], help="exact: the sum over every word "
-                                 "weighted by q0 (the default); sample: one word drawn from q0 per position")
-    p["finetune"].add_argument("--kl-weight", type=in_range(0, 1e3), help="weight of KL(q || p_hat) beside CE "
+    p["train-disc"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over its text (default: 1)")
+    p["train-disc"].add_argument("--arch", choices=list(DISCRIMINATORS), help="lstm: its own LSTM reads the context "
+                                 "(the paper's; the default); temperature: 17 numbers that re-temper q0 (section 11)")
+    p["train-disc"].add_argument("--split", choices=list(DISC_TEXTS), help="the text it learns on: train, the LM's own "
+                                 "(the paper's; the default); valid-a / valid-b: one half of valid (section 12)")
+    p["train-disc"].add_argument("--negatives", choices=["exact", "sample"], help="exact: every word weighted by q0 "
+                                 "(the default); sample: one word drawn from q0 per position")
+    p["finetune"].add_argument("--kl-weight", type=in_range(0, 1e3), help="the weight of KL(q || p_hat) beside CE "
                                "(default: 1; the paper sums them)")
-    p["finetune"].add_argument("--disc", type=Path, help="a discriminator checkpoint of the run's LM (default: "
-                               "RUN/disc.pt; train-disc names the others after their settings)")
+    p["finetune"].add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
     q = new("analyze", lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"), "rare words: mean test "
             "log-probability per training-count bucket, for q0, p_hat and both arms")
     q.add_argument("--run", type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
     q.add_argument("--finetune", type=Path, help="a fine-tune folder in it (default: RUN/finetune)")
-    q = new("evaluate", cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's "
-            "numbers")
+    q = new("evaluate", cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's numbers")
     q.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint: lm.pt or a fine-tuned arm")
     q.add_argument("--disc", type=Path, help="a discriminator checkpoint of that LM")
-    q.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
+    q.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else Apple's MPS, else the CPU")
     q = new("generate", lambda a: print(run_generate(a.checkpoint, a.words, a.temperature, a.prompt, a.seed)),
             "sample text from an LM checkpoint")
     q.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint")
     q.add_argument("--words", type=in_range(1, 100_000, int), default=50, help="how many words (default: 50)")
-    q.add_argument("--temperature", type=in_range(1e-3, 1e3), default=1.0, help="< 1 sharpens, > 1 flattens "
-                   "(default: 1)")
+    q.add_argument("--temperature", type=in_range(1e-3, 1e3), default=1.0, help="< 1 sharpens, > 1 flattens (1)")
     q.add_argument("--prompt", help="words to start from (default: a new sentence)")
-    q.add_argument("--seed", type=in_range(0, 2 ** 32 - 1, int), default=1111, help="(default: 1111)")
+    q.add_argument("--seed", type=seed, default=1111, help="the sampling seed (default: 1111)")
     q = new("top-words", lambda a: print(run_top_words(a.run, a.disc or a.run / "disc.pt", a.prompt, a.k)),
             "for one context: the top words of q0 and of p_hat, with s beside each")
-    q.add_argument("--prompt", required=True, help="the context, words of the vocabulary")
+    q.add_argument("--prompt", required=True, help="the context, in words of the vocabulary")
     q.add_argument("--run", type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
     q.add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
     q.add_argument("--k", type=in_range(1, 100, int), default=10, help="how many words (default: 10)")
     q = new("make-synthetic", lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model")
     q.add_argument("--out", type=Path, default=HERE / "synthetic", help="the folder (default: synthetic/); then "
-                   "pass it as --data")
+                   "pass it to train as --data")
     q = new("download", lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums")
     q.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
     return parser
