@@ -12,11 +12,13 @@ reverse KL is computed against p_hat = q0 exp(s) / Z. Three phases, one subcomma
     python lmdisc.py finetune --lr 1e-4    # phase 3: CE + KL(q || p_hat) and the CE-only control -> runs/tiny/finetune/
     python lmdisc.py pipeline              # all three and the rare-word table (about a minute on 2 CPU cores)
 
-The file has three parts. The first (sections 1-9) is the paper, top to bottom, and uses nothing defined in the
-second (10-15), which is what this project added to test it: rescoring, a discriminator too small to memorise,
-learning on half of valid, a corpus whose truth is known, the strongest CE-only baseline, rare words, two ways to
-look at a model. The third (16-19) is plumbing a reader may skip. Left out: the paper's AWD-LSTM-DOC (the LSTM of
-pytorch/examples stands in), and research variants whose answers logs/README.md records with the commit of their code.
+The file has three parts. The first (sections 1-9) is the paper's method, top to bottom: what the paper
+specifies, and the loss forms this project derived where its method section is not public (section 4 says which).
+It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring, a
+discriminator too small to memorise, learning on half of valid, a corpus whose truth is known, the strongest
+CE-only baseline, rare words, two ways to look at a model. The third (16-19) is plumbing a reader may skip. Left
+out: the paper's AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants whose answers
+logs/README.md records with the commit of their code.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Corpus:
     valid: torch.Tensor
     test: torch.Tensor
     path: Path | None = None      # the folder it was read from, and a sha256 of its files (Part III)
-    fingerprint: str = ""
+    fingerprint: str = ""         # (prepare_corpus, section 16, fills both)
 
 def load_corpus(folder: Path) -> Corpus:
     """The vocabulary from the training text, then each split as ids; a word the training text never had maps to
@@ -111,9 +113,8 @@ def get_batch(source: torch.Tensor, i: int, bptt: int):
     seq_len = min(bptt, source.size(0) - 1 - i)
     return source[i: i + seq_len], source[i + 1: i + 1 + seq_len]
 
-def detach(hidden):
-    """Keep the state's values, cut its history: back-propagation stops at the batch boundary."""
-    return tuple(h.detach() for h in hidden)
+def detach(hidden):                                 # keep the state's values, cut its history: back-propagation
+    return tuple(h.detach() for h in hidden)        # stops at the batch boundary
 
 
 # =====================================================================================================================
@@ -184,7 +185,7 @@ class LSTMDiscriminator(nn.Module):
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.head.weight)
 
-    def init_hidden(self, bsz: int):
+    def init_hidden(self, bsz: int):                 # its own (h, c), carried along the text beside q0's
         shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
         return self.bias.new_zeros(shape), self.bias.new_zeros(shape)
 
@@ -250,8 +251,8 @@ def reverse_kl(log_q: torch.Tensor, log_q0: torch.Tensor, s: torch.Tensor) -> to
     """Per-position estimate of the reverse KL(q || p) with p replaced by p_hat."""
     # KL(q || p_hat) = sum_w q(w|c) [log q(w|c) - log p_hat(w|c)]
     # Its gradient with respect to q's logits z_k is q_k (log q_k - log p_hat_k - KL). At q = q0 the bracket is
-    # -s_k + log Z - KL = E_q0[s] - s_k, so a descent step raises q where s > E_q[s] (words the base model
-    # underestimates, by the discriminator's judgement) and lowers it where s < E_q[s].
+    # -s_k + log Z - KL = E_q0[s] - s_k, so a descent step raises q where s > E_q0[s] (words the base model
+    # underestimates, by the discriminator's judgement) and lowers it where s < E_q0[s].
     return (log_q.exp() * (log_q - log_p_hat(log_q0, s))).sum(-1)
 
 def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor):
@@ -308,6 +309,7 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
     per_epoch = len(range(0, data.size(0) - 1, cfg.bptt))              # batches in a pass; max_tokens caps it
     per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1)))) if cfg.max_tokens else per_epoch
     total = cfg.epochs * per_epoch
+    # validated: the step of the last validation; -1 makes phase 3 validate q0 itself at step 0
     loop = out.resume(model, optimizer) or dict(step=0, lr=cfg.lr, best=math.inf, best_step=0, bad=0, history=[],
                                                  validated=-1 if validate_first else 0, stop=False, seconds=0.0)
     with out.training(phase, loop, total, per_epoch):   # from here a signal asks the loop to stop between steps
@@ -322,7 +324,7 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
             if step % per_epoch == 0:               # a new epoch: the text starts again, and so do the states
                 loop["hidden"] = new_hidden(cfg.batch_size)
                 if cfg.decay_start and step // per_epoch + 1 >= cfg.decay_start:
-                    set_lr(optimizer, loop, loop["lr"] / 4)
+                    loop["lr"] = optimizer.param_groups[0]["lr"] = loop["lr"] / 4     # one group: one lr
             # the batch is a function of the step alone: a resumed run reads the batch it would have read
             x, y = get_batch(data, (step % per_epoch) * cfg.bptt, cfg.bptt)
             t0 = time.time()
@@ -338,9 +340,8 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
     return loop
 
 def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: Loop, out) -> None:
-    """Validate; keep a copy of the weights when the score improved, else lr / 4 (pytorch/examples' plateau
-    rule; not at step 0) and, after `patience` validations in a row without a gain, stop. A diverged model
-    (a score of inf or nan) is never kept: the run stops with one line instead."""
+    """Validate; keep a copy of the weights when the score improved, else lr / 4 (pytorch/examples' plateau rule;
+    not at step 0) and, after `patience` misses in a row, stop. A diverged model (score inf or nan) is never kept."""
     score, metrics, line = validate()               # in eval mode: no dropout, the model as it will be used
     out.check_finite(score, line, loop["step"])
     improved = score < loop["best"]
@@ -352,13 +353,10 @@ def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: L
     else:
         loop["bad"] += 1
         if loop["step"] > 0:
-            set_lr(optimizer, loop, loop["lr"] / 4)
+            loop["lr"] = optimizer.param_groups[0]["lr"] = loop["lr"] / 4
         loop["stop"] = bool(cfg.patience and loop["bad"] >= cfg.patience)
     out.validated(loop, line, "best so far" if improved else "no gain" + ", stopping early" * loop["stop"])
     out.keep_progress(model, optimizer, loop)       # a killed process loses at most the steps since this line
-
-def set_lr(optimizer, loop: dict, lr: float) -> None:
-    loop["lr"], optimizer.param_groups[0]["lr"] = lr, lr          # one group: every parameter at one lr
 
 @torch.no_grad()
 def stream(models: list, source: torch.Tensor, bptt: int = 35):
@@ -367,15 +365,13 @@ def stream(models: list, source: torch.Tensor, bptt: int = 35):
     hidden = [m.eval().init_hidden(source.size(1)) for m in models]
     for i in range(0, source.size(0) - 1, bptt):
         x, y = get_batch(source, i, bptt)
-        outs = []
+        outs = [None] * len(models)
         for k, m in enumerate(models):
-            o, hidden[k] = m(x, hidden[k])
-            outs.append(o)
+            outs[k], hidden[k] = m(x, hidden[k])
         yield x, y, outs
 
-def perplexity(ce: float) -> float:
-    """exp(CE): a model of perplexity 100 is as unsure as a uniform choice among 100 words (inf if diverged)."""
-    return math.exp(ce) if ce < 700 else math.inf
+def perplexity(ce: float) -> float:                 # exp(CE): perplexity 100 is as unsure as a uniform choice
+    return math.exp(ce) if ce < 700 else math.inf   # among 100 words (inf for a diverged model)
 
 def lm_cross_entropy(model, source: torch.Tensor) -> float:
     """Mean CE per word (nats) on a batchified split: summed over each batch, since the last one is shorter."""
@@ -407,6 +403,8 @@ def lm_validate(model: LSTMLM, valid: torch.Tensor):
 
 def run_train(run: Path, corpus: Corpus, text, valid, size: dict, cfg: Loop, seed: int, device) -> dict:
     """Phase 1: train q0 on `text` with CE and SGD, validate on `valid`; keep the best weights in RUN/lm.pt."""
+    # the output and its key, everything that determines it: done() returns the stored checkpoint when lm.pt exists
+    # with this key ("up to date"), None when the work is still to do, and refuses one made with another key
     out = Output(run / "lm.pt", "lm", {"size": size, "loop": cfg, "seed": seed, "data": corpus.fingerprint})
     if (done := out.done()) is not None:
         return done["result"]
@@ -430,13 +428,13 @@ def run_train(run: Path, corpus: Corpus, text, valid, size: dict, cfg: Loop, see
     return result
 
 def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
-    """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the result."""
+    """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the result. Saving adds
+    the key and a fingerprint of the contents, which names it; loading adds "path" (section 17)."""
     return {"kind": "lm", "config": model.config, "model": model.state_dict(), "vocab": corpus.vocab,
             "data": corpus.path, "result": result}
 
 def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
-    """Rebuild an LM and freeze it (eval mode, no gradients); with another vocabulary it would score word i as
-    some other word, so that is refused."""
+    """Rebuild an LM, frozen (eval mode, no gradients); refused with another vocabulary, where word i is another."""
     need(ck["vocab"] == corpus.vocab, f"{ck['path']} was trained on another vocabulary than {corpus.path}'s")
     model = LSTMLM(**ck["config"])                  # draws random weights (the RNG moves), then overwrites them
     model.load_state_dict(ck["model"])
@@ -448,12 +446,12 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
 # =====================================================================================================================
 # q0 is frozen in eval mode: the dropout-free model is the distribution the discriminator compares the data with,
 # and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), s for every word, and L_D with
-# the real next word against q0's exact expectation. Adam, not SGD: s starts at 0 and must move few parameters far
-# from small, sparse gradients, which Adam's per-parameter steps handle. The paper's discriminator learns on the
-# LM's own training text; Part II adds kinds, texts and numbers to these tables, without touching this code.
+# the real next word against q0's exact expectation. Adam, not SGD: s starts at 0, and a rare word's b_w gets a
+# gradient only now and then; Adam's per-parameter step sizes let it move as far as the rest. The paper's
+# discriminator learns on the LM's own training text. The tables below hold what the phase can be given: Part II
+# adds a kind, texts and numbers to them (rescoring, log Z: the "calib" and "ppl" of the validation lines).
 
-# --arch: each kind of discriminator, made from its size, q0 and the corpus (section 11 adds one)
-DISCRIMINATORS = {"lstm": lambda size, q0, corpus: LSTMDiscriminator(q0.config["vocab_size"], **size)}
+DISCRIMINATORS = {"lstm": lambda size, q0, corpus: LSTMDiscriminator(q0.config["vocab_size"], **size)}  # --arch
 DISC_TEXTS = {"train": lambda c: (c.train, c.valid, "valid")}  # --split -> (learns on, validates on, its name)
 DISC_DIAGNOSTICS = []                             # more numbers per position, beside L_D and the accuracies
 DISC_REPORTS = []                                 # lines about a trained discriminator
@@ -503,12 +501,11 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
           f"on {split} ({text.numel():,} tokens), validates on {valid_name} | negatives {negatives} | seed {seed}")
     loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
                lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
-    test = disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus)
-    valid_m = next(h for h in loop["history"] if h["step"] == loop["best_step"])     # the weights it kept
-    result = {"valid_text": valid_name, "valid": valid_m, "test": test, "kept_step": loop["best_step"],
-              "valid_L_D_history": [(h["step"], h["L_D"]) for h in loop["history"]]}
-    for name, m in ((valid_name, valid_m), ("test", test)):
-        print(f"train-disc | {name} | {disc_line(m)}")
+    # the kept weights' numbers: their validation, and test, measured once
+    result = {"valid_text": valid_name, "valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
+              "test": disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus),
+              "kept_step": loop["best_step"], "valid_L_D_history": [(h["step"], h["L_D"]) for h in loop["history"]]}
+    print(f"train-disc | {valid_name} | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
     for report in DISC_REPORTS:
         result |= report(q0, disc, valid_data)
     # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
@@ -569,8 +566,9 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits_kl, -1), log_q0, s, weight)
         return loss, {"ce": ce, "kl": kl}
-    hidden = lambda b: {"q": q.init_hidden(b), "q_kl": q.init_hidden(b), "q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}
-    loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, hidden,
+    states = lambda b: {"q": q.init_hidden(b)} | ({"q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
+                                                  "disc": disc.init_hidden(b)} if weight else {})  # the control: q's
+    loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, states,
                lambda: lm_validate(q, valid), text, cfg, out, validate_first=True)
     result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],
               "best_step": loop["best_step"], "ms_per_batch": round(1000 * loop["seconds"] / loop["step"], 1)}
@@ -580,16 +578,17 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
 def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text, valid, valid_name: str, cfg: Loop,
                  kl_weight: float, seed: int, device) -> dict:
     """Phase 3 and its control, learning on `text` and validating on `valid`, into `folder`; then the table."""
-    key = {"lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"], "loop": cfg, "kl_weight": kl_weight, "seed": seed}
+    key = {"lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"], "loop": cfg, "kl_weight": kl_weight,
+           "seed": seed}
     out = Output(folder / "finetune.pt", "finetune", key)
     if (done := out.done()) is not None:
         print(done["result"]["table"])
         return done["result"]
     q0 = load_lm(lm_ck, corpus, device)
     disc = load_disc(disc_ck, lm_ck, q0, corpus, device)       # refused unless it learned against this q0
-    args = (corpus, q0, disc, batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens),
-            cfg, kl_weight, seed, device)
-    arms = {arm: finetune_arm(arm, folder, key, lm_ck, *args) for arm in ("ce", "kl")}
+    train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
+    arms = {arm: finetune_arm(arm, folder, key, lm_ck, corpus, q0, disc, train_data, valid_data, cfg, kl_weight, seed,
+                              device) for arm in ("ce", "kl")}
     models = {arm: load_lm(load_checkpoint(folder / f"{arm}.pt"), corpus, device) for arm in arms}
     test = eval_data(corpus.test, device, cfg.eval_tokens)
     for arm, model in models.items():               # test is measured once, on the weights each arm kept
@@ -597,12 +596,12 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
     rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), None)] + [
         (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
         (("ce", "CE-only control"), ("kl", f"CE + {kl_weight:g} KL(q || p_hat) (phase 3)"))]
-    cost = round(arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"], 2)
+    cost = round(arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"], 2)                  # training steps only
     result = {"valid_text": valid_name, "arms": arms, "kl_step_cost_vs_ce": cost, "disc": disc_ck["path"],
               "eval_tokens": cfg.eval_tokens}
     lines = [f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"]
     for report in FINETUNE_REPORTS:                 # rows from Part II: rescoring, a tempered control
-        extra = report(q0, disc, models, args[4], test, corpus, disc_ck)
+        extra = report(q0, disc, models, valid_data, test, corpus, disc_ck)
         rows, lines, result = rows + extra.pop("rows"), lines + extra.pop("lines"), result | extra
     # printed only here, after both arms finished: an interrupted arm stops the command before this
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
@@ -617,9 +616,8 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
 # 9. Presets: one setting of every phase, as plain data (the header of nanoGPT's train.py)
 # =====================================================================================================================
 # `--preset NAME` selects one, a flag changes one value; the subcommands (section 19) give each phase the texts
-# it learns and validates on (the LM's training text and valid, as in the paper).
-
-# lm: phase 1's LSTM (section 2); disc: the paper's LSTM discriminator (section 3); then each phase's Loop.
+# it learns and validates on (the LM's training text and valid, as in the paper). lm: phase 1's LSTM (section 2);
+# disc: the paper's LSTM discriminator (section 3); then each phase's Loop (section 5).
 PRESETS = {
     # tiny: a first look in about a minute on 2 CPU cores, on slices of the text. Its numbers show the mechanics,
     # not the method's merit: a 1x64 LSTM that read 200,000 tokens once leaves much for anyone to find.
@@ -628,7 +626,8 @@ PRESETS = {
                  disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
                  # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
                  train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
-                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=25)),
+                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=25),
+                 kl_weight=1.0),            # the weight of KL(q || p_hat) beside CE: the paper sums the two
     # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
     # out, so from epoch 11 the lr is divided by 4 every epoch (about an hour: valid 95.05, test 91.41).
     "small": dict(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
@@ -637,7 +636,7 @@ PRESETS = {
                   # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
                   train_disc=Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
                   # a fine-tune is a short walk from q0: a fifth of an epoch, validated every 100 steps
-                  finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3)),
+                  finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
 }
 # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured); phases 2 and 3 as in small
 PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5),
@@ -790,7 +789,8 @@ def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, toke
     need(not any(out.glob("ptb.*.txt")) or (out / "synthetic_truth.pt").exists(), f"{out} holds text files "
          f"make-synthetic did not write: the program never replaces a file it did not write; choose another --out")
     gen = torch.Generator().manual_seed(0)          # the corpus depends on nothing drawn before
-    words, table = [EOS] + [f"w{i}" for i in range(1, n_words + 1)], bigram_table(n_words + 1, successors, eps, zipf, gen)
+    words, table = [EOS] + [f"w{i}" for i in range(1, n_words + 1)], bigram_table(n_words + 1, successors, eps, zipf,
+                                                                                    gen)
     texts = {}
     for split, n_tokens in zip(SPLITS, tokens):
         lines, sentence, prev, drawn = [], [], 0, 0  # each split starts after an <eos>; it ends with a sentence
@@ -904,13 +904,14 @@ def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
     targets, logps = test_log_probs(list(cands.values()), test)
     ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(cands, logps)}
     best = min(list(cands)[:3], key=ppl.get)
-    boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)], sentence_of_targets(test, corpus.vocab.index(EOS)))
+    boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)],
+                            sentence_of_targets(test, corpus.vocab.index(EOS)))
     tempered = list(cands)[1]
     return {"beta": beta, "best_baseline": best, "bootstrap": boot, "rows": [(tempered, perplexity(lm_cross_entropy(
         cands[tempered], valid)), ppl[tempered], None)], "lines": [
-        f"finetune | CE + KL against the best baseline on test ({best}, ppl {ppl[best]:.2f}): {100 * boot['change']:+.2f}%"
-        f" perplexity, 95% interval {100 * boot['low']:+.2f}% .. {100 * boot['high']:+.2f}% (paired bootstrap over "
-        f"{boot['sentences']:,} test sentences)"]}
+        f"finetune | CE + KL against the best baseline on test ({best}, ppl {ppl[best]:.2f}): "
+        f"{100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), 95% interval {100 * boot['low']:+.2f}% .. "
+        f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)"]}
 
 FINETUNE_REPORTS.append(against_baselines)
 
@@ -929,12 +930,13 @@ FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 def run_analyze(run: Path, folder: Path) -> dict:
     """Mean test log-probability per training-count bucket for q0, p_hat and both arms; FOLDER/rare_words.csv."""
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
-    ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune")["result"]
+    ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune", run=run)["result"]
     corpus, device = prepare_corpus(lm_ck["data"]), pick_device("auto")
     q0 = load_lm(lm_ck, corpus, device)
     disc = load_disc(load_checkpoint(ft["disc"], "disc"), lm_ck, q0, corpus, device)
     names = ["base", "rescored", "control", "kl"]
-    models = [q0, Rescored(q0, disc)] + [load_lm(load_checkpoint(folder / f"{a}.pt"), corpus, device) for a in ("ce", "kl")]
+    models = [q0, Rescored(q0, disc)] + [load_lm(load_checkpoint(folder / f"{a}.pt"), corpus, device)
+                                         for a in ("ce", "kl")]
     targets, logps = test_log_probs(models, eval_data(corpus.test, device, ft["eval_tokens"]))
     bucket = torch.bucketize(torch.bincount(corpus.train, minlength=len(corpus.vocab)), torch.tensor(FREQ_EDGES),
                              right=True)[targets]
@@ -1141,10 +1143,12 @@ def write_new_files(folder: Path, texts: dict, checkpoints: dict) -> None:
     for name, ck in checkpoints.items():
         save_checkpoint(folder / name, ck)
 
-def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
-    """Load, check its kind and fingerprint, or stop with one line; `make` is the command that writes it."""
-    path = Path(path)
-    hint = "" if path.parent.resolve() == (DEFAULT_RUNS / "tiny").resolve() else f" --run {path.parent}"
+def load_checkpoint(path, kind: str = "lm", make: str | None = None, run: Path | None = None) -> dict:
+    """Load, check its kind and fingerprint, or stop with one line; `make` is the command that writes it, with the
+    flags that point it at the run folder (nothing for runs/tiny, --preset small, or --run DIR)."""
+    path, run = Path(path), Path(run or Path(path).parent)
+    hint = "" if run.resolve() == (DEFAULT_RUNS / "tiny").resolve() else f" --preset {run.name}" if \
+        run.parent.resolve() == DEFAULT_RUNS.resolve() and run.name in PRESETS else f" --run {run}"
     if make and not path.exists():
         state = "is not finished (interrupted): run" if path.with_suffix(".resume.pt").exists() else \
             "does not exist yet: run"
@@ -1267,8 +1271,9 @@ class Output:
         means = " | ".join(f"{k} {v / n:.4f}" + (f" | ppl {perplexity(v / n):8.2f}" if k == "ce" else "")
                            for k, v in m["sums"].items())
         print(f"{self.phase} | epoch {(loop['step'] - 1) // self.per_epoch + 1:>3} | step {loop['step']:>6}/"
-              f"{self.total} | lr {loop['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f}"
-              f" tok/s | {means} | {(self.total - loop['step']) * sec / n / 60:.1f} min left", flush=True)
+              f"{self.total} | lr {loop['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | "
+              f"{m['tokens'] / max(sec, 1e-9):8.0f} tok/s | {means} | "
+              f"{(self.total - loop['step']) * sec / n / 60:.1f} min left", flush=True)
         self.meter = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
 
     def validated(self, loop: dict, line: str, verdict: str) -> None:
@@ -1366,7 +1371,8 @@ def cmd_train_disc(args) -> None:
     s, name = variant("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm",
                       split="train", negatives="exact")
     run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p["disc"], s["negatives"],
-                   dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"]), args.seed, pick_device(args.device))
+                   dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"]), args.seed,
+                   pick_device(args.device))
 
 def cmd_finetune(args) -> None:
     """Phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
@@ -1376,7 +1382,7 @@ def cmd_finetune(args) -> None:
                               "python lmdisc.py train-disc")
     corpus = prepare_corpus(lm_ck["data"])
     _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text the discriminator learned on
-    s, name = variant("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=1.0, disc=run / "disc.pt")
+    s, name = variant("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"], disc=run / "disc.pt")
     run_finetune(run / name, lm_ck, disc_ck, corpus, corpus.train, valid, valid_name,
                  dataclasses.replace(p["finetune"], lr=s["lr"]), s["kl_weight"], args.seed, pick_device(args.device))
 
@@ -1391,12 +1397,11 @@ def cmd_pipeline(args) -> None:
     print(f"pipeline | finished in {time.time() - t0:.0f} s: {run / 'finetune' / 'finetune.json'}")
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmdisc.py", description="Fine-tuning of language models with a discriminator "
-                                     "(Popov & Kudinov, arXiv:1811.04623). First run: train, train-disc, finetune "
-                                     "--lr 1e-4; or all of it: pipeline. Each SUBCOMMAND --help lists its flags.")
+    parser = argparse.ArgumentParser(prog="lmdisc.py", description="Fine-tuning of language models with a discrim"
+                                     "inator (arXiv:1811.04623). First: train, train-disc, finetune; or pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    new = lambda name, handler, text: sub.add_parser(name, help=text, description=text).set_defaults(
-        handler=handler) or sub.choices[name]
+    new = lambda name, run, text: sub.add_parser(name, help=text, description=text).set_defaults(handler=run) or \
+        sub.choices[name]
     p = {n: new(n, h, t) for n, h, t in [
         ("train", cmd_train, "phase 1: train the base LSTM language model q0 with CE"),
         ("train-disc", cmd_train_disc, "phase 2: train the discriminator against the frozen q0"),
@@ -1427,8 +1432,13 @@ def build_parser() -> argparse.ArgumentParser:
     p["train-disc"].add_argument("--negatives", choices=["exact", "sample"], help="exact: every word weighted by q0 "
                                  "(the default); sample: one word drawn from q0 per position")
     p["finetune"].add_argument("--kl-weight", type=in_range(0, 1e3), help="the weight of KL(q || p_hat) beside CE "
-                               "(default: 1; the paper sums them)")
+                               "(default: the preset's, 1: the paper sums them)")
     p["finetune"].add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
+    add_views(new, seed)
+    return parser
+
+def add_views(new, seed) -> None:
+    """The subcommands of Part II and III: the views of a finished run, the synthetic corpus, the download."""
     q = new("analyze", lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"), "rare words: mean test "
             "log-probability per training-count bucket, for q0, p_hat and both arms")
     q.add_argument("--run", type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
@@ -1455,7 +1465,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "pass it to train as --data")
     q = new("download", lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums")
     q.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
-    return parser
 
 def main(argv=None) -> int:
     """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""

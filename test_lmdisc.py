@@ -85,7 +85,7 @@ def expected_loss_via_discriminator_loss(s, log_p, log_q0):
                for c in range(n_ctx) for w in range(V)) / n_ctx
 
 
-def test_minimiser_of_the_exact_loss_is_the_log_ratio():
+def test_discriminator_loss_minimiser_is_the_log_ratio():
     """Minimising the expected loss over a free table of logits (one row per context) lands on log p - log q0.
     Expected over the real word rather than sampled, so that the test checks the loss, not sampling noise."""
     g = torch.Generator().manual_seed(3)
@@ -165,7 +165,7 @@ def test_tabular_discriminator_recovers_true_reverse_kl():
     assert ((est - true_kl).abs() / true_kl).max() < 0.15    # stated tolerance: 15% relative per context
 
 
-def test_a_constant_added_to_s_leaves_p_hat_unchanged_and_moves_log_z_by_that_constant():
+def test_log_p_hat_ignores_a_constant_added_to_s_and_log_z_moves_by_it():
     """p_hat = q0 exp(s) / Z: a context-wide constant in s cancels in p_hat and shows up, exactly, in log Z."""
     g = torch.Generator().manual_seed(12)
     log_q0, s = random_log_probs(4, 9, generator=g), torch.randn(4, 9, dtype=torch.float64, generator=g)
@@ -177,7 +177,7 @@ def test_a_constant_added_to_s_leaves_p_hat_unchanged_and_moves_log_z_by_that_co
                                rtol=0, atol=1e-12)
 
 
-def test_at_q_equal_q0_the_kl_gradient_is_q0_times_mean_s_minus_s():
+def test_reverse_kl_gradient_at_q_equal_q0_is_q0_times_mean_s_minus_s():
     """Section 4's comment: at q = q0, d KL(q || p_hat) / d z_k = q0_k (E_q0[s] - s_k), z the logits of q."""
     g = torch.Generator().manual_seed(13)
     log_q0, s = random_log_probs(5, 8, generator=g), torch.randn(5, 8, dtype=torch.float64, generator=g)
