@@ -76,15 +76,15 @@ def load_corpus(folder: Path) -> Corpus:
             lines[split] = (folder / f"ptb.{split}.txt").read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError:
             raise LmdiscError(f"{folder / f'ptb.{split}.txt'} is not UTF-8 text") from None
-    # the end of each sentence is a word to predict too
-    words = {s: [(n, w) for n, line in enumerate(lines[s], 1) for w in line.split() + [EOS]] for s in SPLITS}
-    index = {w: i for i, w in enumerate(dict.fromkeys(w for _, w in words["train"]))}
-    splits = [[index.get(w, index.get(UNK)) for _, w in words[s]] for s in SPLITS]
+    words = lambda split: (w for line in lines[split] for w in line.split() + [EOS])   # <eos>: a word to predict too
+    index = {w: i for i, w in enumerate(dict.fromkeys(words("train")))}
+    splits = [[index.get(w, index.get(UNK)) for w in words(s)] for s in SPLITS]
     for s, ids in zip(SPLITS, splits):
         need(ids, f"{folder / f'ptb.{s}.txt'} is empty")
-        n, w = next((nw for nw, i in zip(words[s], ids) if i is None), (0, None))
-        need(w is None, f"{folder / f'ptb.{s}.txt'}:{n}: word {w!r} is not in the training vocabulary, which has "
-                        f"no {UNK} to map it to")
+        if None in ids:                             # a word the training text never had, and no <unk>: where?
+            n, w = next((n, w) for n, line in enumerate(lines[s], 1) for w in line.split() if w not in index)
+            raise LmdiscError(f"{folder / f'ptb.{s}.txt'}:{n}: word {w!r} is not in the training vocabulary, which "
+                              f"has no {UNK} to map it to")
     return Corpus(list(index), *map(torch.tensor, splits), path=folder)
 
 # Truncated back-propagation through time (BPTT). batchify cuts the stream into `bsz` equal columns, so that each
@@ -1185,6 +1185,11 @@ def normalised(obj):
     return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
                                  else str(o)))
 
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"loop": {"lr": 20}} -> {"loop.lr": 20}: what the refusal of other settings names."""
+    return {k: v for key, value in d.items() for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                                                          else {f"{prefix}{key}": value}).items()}
+
 class Stopped(Exception):
     """A signal arrived: exit status 128 + its number (130 for Ctrl-C); nothing was marked done."""
 
@@ -1203,8 +1208,9 @@ class Output:
             (self.path.parent / ".write-test").unlink()
             return None
         ck = load_checkpoint(self.path, self.kind)
-        diff = [f"{k} {ck['key'].get(k)} there, {self.key.get(k)} here" for k in sorted(set(ck["key"]) | set(
-            self.key), key=str) if ck["key"].get(k) != self.key.get(k)]
+        old, new = flat(ck["key"]), flat(self.key)
+        diff = [f"{k} {old.get(k)} there, {new.get(k)} here" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
         need(not diff, f"{self.path} was made with other settings ({'; '.join(diff)[:300]}); choose another --run, "
                        f"or delete it to make it again")
         if not self.path.with_suffix(".json").exists():  # a rerun completes what a full disk left out
@@ -1259,21 +1265,19 @@ class Output:
     def progress(self, loop: dict, shown: dict, tokens: int, interval: int) -> None:
         """Every `interval` steps: mean losses since the last line, ms/batch and tok/s of training steps only (so
         that a CE + KL step and a CE step compare), time left. A loss of nan or inf stops the run."""
-        m = self.meter
         if not all(math.isfinite(v) for v in shown.values()):
             self.check_finite(math.nan, f"the loss became {shown}", loop["step"])
+        m = self.meter
         m["n"], m["tokens"] = m["n"] + 1, m["tokens"] + tokens
-        for k, v in shown.items():
-            m["sums"][k] = m["sums"].get(k, 0.0) + v
+        m["sums"] = {k: m["sums"].get(k, 0.0) + v for k, v in shown.items()}
         if m["n"] < interval and loop["step"] % self.per_epoch and loop["step"] < self.total:
             return
-        sec, n = loop["seconds"] - m["seconds"], m["n"]
-        means = " | ".join(f"{k} {v / n:.4f}" + (f" | ppl {perplexity(v / n):8.2f}" if k == "ce" else "")
+        sec, n, step = loop["seconds"] - m["seconds"], m["n"], loop["step"]
+        means = " | ".join(f"{k} {v / n:.4f}" + f" | ppl {perplexity(v / n):8.2f}" * (k == "ce")
                            for k, v in m["sums"].items())
-        print(f"{self.phase} | epoch {(loop['step'] - 1) // self.per_epoch + 1:>3} | step {loop['step']:>6}/"
-              f"{self.total} | lr {loop['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | "
-              f"{m['tokens'] / max(sec, 1e-9):8.0f} tok/s | {means} | "
-              f"{(self.total - loop['step']) * sec / n / 60:.1f} min left", flush=True)
+        print(f"{self.phase} | epoch {(step - 1) // self.per_epoch + 1:>3} | step {step:>6}/{self.total} | lr "
+              f"{loop['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f} tok/s | "
+              f"{means} | {(self.total - step) * sec / n / 60:.1f} min left", flush=True)
         self.meter = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
 
     def validated(self, loop: dict, line: str, verdict: str) -> None:
