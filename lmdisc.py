@@ -280,13 +280,12 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
 # =====================================================================================================================
 # 5. One training loop for all three phases
 # =====================================================================================================================
-# Every phase trains something on batches of a BPTT stream; only the loss differs. So each phase hands the loop
-# its batch_loss(x, y, hidden) and its validate(), and the loop does what pytorch/examples' main.py does: batches,
+# Every phase trains something on batches of a BPTT stream; only the loss differs. So each phase hands the loop its
+# batch_loss(x, y, hidden) and its validate(), and the loop does what pytorch/examples' main.py does: batches,
 # backward, clip, step; validate at each epoch's end (and every eval_every steps), keep the weights of the best
-# validation, divide the lr by 4 when a validation brings no gain. Keeping the best weights is early stopping in
-# its simplest form: a phase hands on a model at least as good on held-out text as any it passed through.
-# `out` (Part III) is the phase's output file: it keeps a resume point after every validation and when Ctrl-C or
-# SIGTERM arrives (so the same command run again continues exactly), and prints the progress lines.
+# validation (early stopping in its simplest form), divide the lr by 4 when a validation brings no gain. `out`
+# (Part III) is the phase's output file: it keeps a resume point after every validation and when Ctrl-C or SIGTERM
+# arrives (so the same command run again continues exactly), and prints the progress lines.
 
 @dataclass(frozen=True)
 class Loop:
@@ -336,6 +335,7 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
             optimizer.step()
             loop["step"], loop["seconds"] = step + 1, loop["seconds"] + time.time() - t0
             out.progress(loop, {k: float(v.detach()) for k, v in shown.items()}, x.numel(), cfg.log_interval)
+            del loss, shown                         # this step's graph goes before the next one is built
     model.load_state_dict(loop["weights"])          # the phase's output: the model at its best validation
     return loop
 
@@ -556,15 +556,15 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
         if weight == 0:                             # the control: CE alone
             loss, ce, _ = finetune_loss(log_q, y, None, None, None, 0.0)
             return loss, {"ce": ce}
-        with torch.no_grad():                       # frozen q0 and s: no graph, no dropout
-            logits0, hidden["q0"] = q0(x, hidden["q0"])
-            log_q0 = torch.log_softmax(logits0, -1)
+        with torch.no_grad():                       # frozen q0 and s: no graph, no dropout (`logits` is reused:
+            logits, hidden["q0"] = q0(x, hidden["q0"])              # a (35, 20, V) tensor no longer needed is freed)
+            log_q0 = torch.log_softmax(logits, -1)
             s, hidden["disc"] = disc(x, hidden["disc"])
         q.eval()                                    # the pass the KL term reads: the same weights, no dropout
-        logits_kl, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
+        logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
         q.train()
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
-        loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits_kl, -1), log_q0, s, weight)
+        loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, weight)
         return loss, {"ce": ce, "kl": kl}
     states = lambda b: {"q": q.init_hidden(b)} | ({"q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
                                                   "disc": disc.init_hidden(b)} if weight else {})  # the control: q's
