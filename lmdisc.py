@@ -1037,8 +1037,9 @@ PTB_SHA256 = {"ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-def download_ptb(dest: Path, base_url: str = PTB_URL, timeout: float = 30.0) -> None:
+def download_ptb(dest: Path, base_url: str | None = None, timeout: float = 30.0) -> None:
     """Fetch the files PTB's that `dest` lacks; each is checked before it gets its name (so never half-written)."""
+    base_url = base_url or PTB_URL
     foreign = [n for n, d in PTB_SHA256.items() if (dest / n).exists() and sha256_of(dest / n) != d]
     need(not foreign, f"{dest} holds {', '.join(foreign)} that are not Penn Treebank's (sha256 differs): the "
                       f"program never replaces a file it did not write; move them away or choose another --data")

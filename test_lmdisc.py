@@ -24,6 +24,7 @@ import lmdisc as L
 
 HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)
+L.PTB_URL = (HERE / "no-such-mirror").as_uri() + "/"   # no test reaches the network, even by mistake
 
 
 def find_ptb() -> Path | None:
@@ -526,7 +527,8 @@ def test_a_finished_phase_is_up_to_date_and_other_settings_get_their_own_files(r
     before = (run / "disc.pt").stat().st_mtime_ns
     assert run_cli("train-disc", "--run", run) == 0
     assert "is up to date" in capsys.readouterr().out and (run / "disc.pt").stat().st_mtime_ns == before
-    assert run_cli("train", "--run", run, "--lr", 5) == 1           # phase 1 has one output per run folder
+    data = L.load_checkpoint(run / "lm.pt")["data"]
+    assert run_cli("train", "--data", data, "--run", run, "--lr", 5) == 1      # phase 1: one output per run folder
     assert "made with other settings" in capsys.readouterr().err
     assert run_cli("finetune", "--run", run, "--kl-weight", 0.5, "--seed", 1111) == 0
     assert (run / "finetune-kl-weight-0.5" / "finetune.json").exists()       # a variant never overwrites
