@@ -619,8 +619,8 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
 # it learns and validates on (the LM's training text and valid, as in the paper). lm: phase 1's LSTM (section 2);
 # disc: the paper's LSTM discriminator (section 3); then each phase's Loop (section 5).
 PRESETS = {
-    # tiny: a first look in about a minute on 2 CPU cores, on slices of the text. Its numbers show the mechanics,
-    # not the method's merit: a 1x64 LSTM that read 200,000 tokens once leaves much for anyone to find.
+    # tiny: a first look in about a minute on 2 CPU cores, on slices of the text: the mechanics, not the method's
+    # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 10).
     "tiny": dict(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
                  train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
                  disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),

@@ -642,6 +642,41 @@ def test_sigterm_acts_as_ctrl_c_and_the_rerun_finishes_the_same(tmp_path):
     assert L.load_checkpoint(tmp_path / "r" / "lm.pt")["result"] == L.load_checkpoint(tmp_path / "w" / "lm.pt")["result"]
 
 
+def test_an_interrupted_arm_prints_no_comparison_and_the_rerun_completes_it(run, capsys, monkeypatch):
+    with monkeypatch.context() as m:
+        progress = L.Output.progress
+
+        def ask(self, loop, *a):                   # Ctrl-C during the KL arm, the second of the two
+            progress(self, loop, *a)
+            L.Output.asked = signal.SIGINT if self.phase == "finetune[kl]" and loop["step"] == 5 else L.Output.asked
+        m.setattr(L.Output, "progress", ask)
+        assert run_cli("finetune", "--run", run, "--kl-weight", 2) == 130
+    out = capsys.readouterr().out
+    assert "finetune[kl]" in out and "| model |" not in out and "best baseline" not in out
+    assert not (run / "finetune-kl-weight-2" / "finetune.pt").exists()
+    assert run_cli("finetune", "--run", run, "--kl-weight", 2) == 0
+    out = capsys.readouterr().out
+    assert "ce.pt is up to date" in out and "resuming from" in out and "| model |" in out
+
+
+def test_a_process_killed_at_any_moment_leaves_no_damaged_file(tmp_path):
+    """SIGKILL (no handler can run): every file is whole, and the same command again ends as an uninterrupted run."""
+    L.make_synthetic(tmp_path / "data", n_words=30, tokens=(60_000, 1_000, 1_000))
+    cmd = [sys.executable, str(HERE / "lmdisc.py"), *train_args(tmp_path / "data", tmp_path / "r")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in p.stdout:
+        if "| step " in line:
+            p.kill()
+            break
+    p.wait(timeout=60)
+    assert not [f for f in (tmp_path / "r").iterdir() if f.name.startswith(".lm")]   # no temporary file left
+    assert subprocess.run(cmd, capture_output=True, env=env).returncode == 0
+    whole = subprocess.run(cmd[:-1] + [str(tmp_path / "w")], capture_output=True, env=env)
+    assert whole.returncode == 0
+    assert L.load_checkpoint(tmp_path / "r" / "lm.pt")["result"] == L.load_checkpoint(tmp_path / "w" / "lm.pt")["result"]
+
+
 def test_cpu_training_is_deterministic(tmp_path):
     L.make_synthetic(tmp_path / "data", **TINY_DATA)
     for r in "ab":
@@ -745,11 +780,13 @@ def test_concurrent_writers_do_not_collide(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
-def test_a_moved_project_still_finds_its_data(run, tmp_path):
+def test_a_moved_project_still_finds_its_data_and_a_damaged_json_is_only_a_copy(run, tmp_path, capsys):
     import shutil
     shutil.copytree(run.parent, tmp_path / "moved")            # the run folder and the data folder beside it
-    lm_ck = L.load_checkpoint(tmp_path / "moved" / "run" / "lm.pt")
-    assert lm_ck["data"] == (tmp_path / "moved" / "data").resolve()
+    moved = tmp_path / "moved" / "run"
+    assert L.load_checkpoint(moved / "lm.pt")["data"] == (tmp_path / "moved" / "data").resolve()
+    (moved / "finetune" / "finetune.json").write_text("{ not json")   # the program reads the checkpoint, never this
+    assert run_cli("analyze", "--run", moved) == 0 and "rare words" in capsys.readouterr().out
 
 
 def test_cli_lists_exactly_its_subcommands():
