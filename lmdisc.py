@@ -1371,7 +1371,7 @@ def cmd_train_disc(args) -> None:
     """Phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
     run, p = args.run or DEFAULT_RUNS / args.preset, PRESETS[args.preset]
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
-    # the text it learns on and the one it validates on: the LM's own and valid (the paper), or section 11's
+    # the text it learns on and the one it validates on: the LM's own and valid (the paper), or section 12's
     corpus = prepare_corpus(lm_ck["data"])
     s, name = variant("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm",
                       split="train", negatives="exact")
