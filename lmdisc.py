@@ -1186,9 +1186,9 @@ def normalised(obj):
     return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
                                  else str(o)))
 
-def flat(d: dict, prefix: str = "") -> dict:
+def flat_key(d: dict, prefix: str = "") -> dict:
     """{"loop": {"lr": 20}} -> {"loop.lr": 20}: what the refusal of other settings names."""
-    return {k: v for key, value in d.items() for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+    return {k: v for key, value in d.items() for k, v in (flat_key(value, f"{prefix}{key}.") if isinstance(value, dict)
                                                           else {f"{prefix}{key}": value}).items()}
 
 class Stopped(Exception):
@@ -1209,7 +1209,7 @@ class Output:
             (self.path.parent / ".write-test").unlink()
             return None
         ck = load_checkpoint(self.path, self.kind)
-        old, new = flat(ck["key"]), flat(self.key)
+        old, new = flat_key(ck["key"]), flat_key(self.key)
         diff = [f"{k} {old.get(k)} there, {new.get(k)} here" for k in sorted(set(old) | set(new))
                 if old.get(k) != new.get(k)]
         need(not diff, f"{self.path} was made with other settings ({'; '.join(diff)[:300]}); choose another --run, "
