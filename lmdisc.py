@@ -1353,7 +1353,7 @@ def pick_device(name: str) -> torch.device:
 
 def variant(stem: str, args, lm_ck: dict, **defaults):
     """Each setting's value (its flag, or its default), and the output's name: "disc" for the defaults,
-    "disc-arch-temperature-lr-0.01" for others, so that a variant never overwrites another run's files."""
+    "disc-lr-0.01-arch-temperature" for others, so that a variant never overwrites another run's files."""
     values = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()}
     text = lambda k, v: v.stem if isinstance(v, Path) else f"{k.replace('_', '-')}-{v:g}" if isinstance(v, float) \
         else f"{k.replace('_', '-')}-{v}"
