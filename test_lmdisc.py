@@ -54,6 +54,11 @@ def test_reverse_kl_equals_closed_form_with_the_exact_ratio():
     torch.testing.assert_close(L.reverse_kl(log_q, log_q0, s), kl_q_p, rtol=0, atol=1e-12)
     assert (kl_q_p > 0.01).all()                             # non-trivial values
     torch.testing.assert_close(L.log_p_hat(log_q0, s), log_p, rtol=0, atol=1e-12)
+    # any s, not only the exact ratio: p_hat normalised by hand, q0 exp(s) / sum_w q0 exp(s)
+    s = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    p_hat = log_q0.exp() * s.exp() / (log_q0.exp() * s.exp()).sum(-1, keepdim=True)
+    torch.testing.assert_close(L.reverse_kl(log_q, log_q0, s), (log_q.exp() * (log_q - p_hat.log())).sum(-1),
+                               rtol=0, atol=1e-12)
 
 
 def test_ratio_calibration_zero_only_for_exact_ratio():
@@ -166,7 +171,7 @@ def test_tabular_discriminator_recovers_true_reverse_kl():
     assert ((est - true_kl).abs() / true_kl).max() < 0.15    # stated tolerance: 15% relative per context
 
 
-def test_log_p_hat_ignores_a_constant_added_to_s_and_log_z_moves_by_it():
+def test_log_p_hat_and_reverse_kl_ignore_a_constant_added_to_s_and_log_z_moves_by_it():
     """p_hat = q0 exp(s) / Z: a context-wide constant in s cancels in p_hat and shows up, exactly, in log Z."""
     g = torch.Generator().manual_seed(12)
     log_q0, s = random_log_probs(4, 9, generator=g), torch.randn(4, 9, dtype=torch.float64, generator=g)
