@@ -972,9 +972,12 @@ def cmd_evaluate(args) -> None:
         return
     disc_ck = load_checkpoint(args.disc, "disc")
     disc = load_disc(disc_ck, ck, model, corpus, device)
-    _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text it learned on
-    for name, text in ((valid_name, valid), ("test", corpus.test)):
-        print(f"evaluate | {name}, all {text.numel():,} tokens | "
+    # beside the texts it never saw, the text it learned on (as many tokens of it as of the validation text): the
+    # view early stopping cannot hide, since a discriminator that memorised is far better there than anywhere else
+    learned, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)
+    for name, text in ((f"learned on ({disc_ck['split']})", learned[:valid.numel()]), (valid_name, valid),
+                       ("test", corpus.test)):
+        print(f"evaluate | {name}, {text.numel():,} tokens | "
               f"{disc_line(disc_metrics(model, disc, eval_data(text, device), corpus))}")
 
 def prompt_ids(ck: dict, prompt: str) -> torch.Tensor:

@@ -557,7 +557,8 @@ def test_finetune_refuses_a_discriminator_of_another_lm(run, tmp_path, capsys):
 def test_evaluate_with_a_discriminator_reads_whole_splits(run, capsys):
     assert run_cli("evaluate", "--checkpoint", run / "lm.pt", "--disc", run / "disc.pt") == 0
     out = capsys.readouterr().out
-    assert "evaluate | valid, all 6," in out and "ppl rescored" in out and "true KL(q0||p)" in out
+    assert "evaluate | valid, 6," in out and "learned on (train)" in out
+    assert "ppl rescored" in out and "true KL(q0||p)" in out
 
 
 def test_temperature_discriminator_end_to_end_on_half_of_valid(run, capsys):
