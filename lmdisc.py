@@ -706,6 +706,10 @@ def count_classes(text: torch.Tensor, vocab_size: int, edges=BIAS_EDGES) -> torc
     """Each word's class by its count in `text`: [0, 1), [1, 3), [3, 10), ... (roughly logarithmic)."""
     return torch.bucketize(torch.bincount(text, minlength=vocab_size), torch.tensor(edges), right=True)
 
+def count_labels(edges=BIAS_EDGES) -> list:
+    """The classes' names: "0", "1-3", ..., ">=30000" (a class "a-b" holds the counts a to b - 1)."""
+    return ["0"] + [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])] + [f">={edges[-1]}"]
+
 class TemperatureDiscriminator(nn.Module):
     def __init__(self, q0: LSTMLM, word_class: torch.Tensor):
         super().__init__()
@@ -738,10 +742,9 @@ def temperature_report(q0, disc, valid) -> dict:
     h, a = map(torch.cat, zip(*[(-(lq.exp() * lq).sum(-1).flatten(), disc.a_s0(lq)[0].flatten()) for lq in
                                 (torch.log_softmax(o[0], -1) for _, _, o in stream([q0], valid))]))
     thirds = [(float(h[i].mean()), float(a[i].mean())) for i in torch.argsort(h).chunk(3)]
-    labels = ["0"] + [f"{lo}-{hi}" for lo, hi in zip(BIAS_EDGES, BIAS_EDGES[1:])] + [f">={BIAS_EDGES[-1]}"]
     lines = [f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens "
              f"it); exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in
-                                                            zip(labels, disc.bias.exp().tolist())),
+                                                            zip(count_labels(), disc.bias.exp().tolist())),
              "on validation contexts, mean a(c) where q0 is " + ", ".join(f"{n} (H {hm:.2f}) {am:+.4f}" for n, (hm, am)
              in zip(("most sure", "in between", "least sure"), thirds)) + f"; overall {float(a.mean()):+.4f}"]
     for line in lines:
@@ -938,9 +941,8 @@ def run_analyze(run: Path, folder: Path) -> dict:
     models = [q0, Rescored(q0, disc)] + [load_lm(load_checkpoint(folder / f"{a}.pt"), corpus, device)
                                          for a in ("ce", "kl")]
     targets, logps = test_log_probs(models, eval_data(corpus.test, device, ft["eval_tokens"]))
-    bucket = torch.bucketize(torch.bincount(corpus.train, minlength=len(corpus.vocab)), torch.tensor(FREQ_EDGES),
-                             right=True)[targets]
-    labels = ["0"] + [f"{a}-{b}" for a, b in zip(FREQ_EDGES, FREQ_EDGES[1:])] + [f">={FREQ_EDGES[-1]}"]
+    bucket = count_classes(corpus.train, len(corpus.vocab), FREQ_EDGES)[targets]      # by its training count
+    labels = count_labels(FREQ_EDGES)
     n = torch.bincount(bucket, minlength=len(labels))
     # per model, the mean log q over the tokens of each bucket (float64: tens of thousands of terms)
     means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
