@@ -678,12 +678,7 @@ class Rescored(nn.Module):
         s, h1 = self.disc(x, hidden[1])
         return torch.log_softmax(logits, -1) + s, (h0, h1)
 
-def rescored_row(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
-    ppl = [perplexity(lm_cross_entropy(Rescored(q0, disc), text)) for text in (valid, test)]
-    return {"rows": [("rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)", *ppl, None)], "lines": []}
-
-DISC_DIAGNOSTICS.append(rescoring)
-FINETUNE_REPORTS.append(rescored_row)
+DISC_DIAGNOSTICS.append(rescoring)          # phase 3's table gets its row from section 14, which scores test with it
 
 
 # =====================================================================================================================
@@ -909,9 +904,11 @@ def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
     best = min(list(cands)[:3], key=ppl.get)
     boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)],
                             sentence_of_targets(test, corpus.vocab.index(EOS)))
-    tempered = list(cands)[1]
-    return {"beta": beta, "best_baseline": best, "bootstrap": boot, "rows": [(tempered, perplexity(lm_cross_entropy(
-        cands[tempered], valid)), ppl[tempered], None)], "lines": [
+    # the table's rows for rescoring and the tempered control: their test numbers are the ones just computed
+    label = {"rescored p_hat": "rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)"}
+    rows = [(label.get(name, name), perplexity(lm_cross_entropy(cands[name], valid)), ppl[name], None)
+            for name in list(cands)[2:0:-1]]
+    return {"beta": beta, "best_baseline": best, "bootstrap": boot, "rows": rows, "lines": [
         f"finetune | CE + KL against the best baseline on test ({best}, ppl {ppl[best]:.2f}): "
         f"{100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), 95% interval {100 * boot['low']:+.2f}% .. "
         f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)"]}
