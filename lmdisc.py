@@ -1058,6 +1058,8 @@ def download_ptb(dest: Path, base_url: str | None = None, timeout: float = 30.0)
         atomic_write(dest / name, data)
         print(f"download | {dest / name}: {len(data):,} bytes, sha256 ok")
 
+LOADED = {}                                         # (folder, fingerprint) -> Corpus
+
 def prepare_corpus(folder: Path) -> Corpus:
     """Check (or fetch, into the default folder only) the three files, load them, say what was loaded."""
     folder = Path(folder)
@@ -1075,8 +1077,11 @@ def prepare_corpus(folder: Path) -> Corpus:
         bad = [f"ptb.{s}.txt" for s in SPLITS if sums[s] != PTB_SHA256[f"ptb.{s}.txt"]]
         need(not bad, f"{folder}/{bad and bad[0]} fails its sha256 check: changed or damaged (move it away, then "
                       f"`python lmdisc.py download`)")
-    corpus = load_corpus(folder)
-    corpus.fingerprint = hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16]
+    # the same bytes are read once per process: `pipeline` runs four steps on one corpus (nothing changes a Corpus)
+    if (folder.resolve(), fingerprint) not in LOADED:
+        LOADED[folder.resolve(), fingerprint] = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)
+    corpus = LOADED[folder.resolve(), fingerprint]
     canonical = all(sums[s] == PTB_SHA256[f"ptb.{s}.txt"] for s in SPLITS)
     print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if canonical else ''} | vocabulary "
           f"{len(corpus.vocab):,} | train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | "
