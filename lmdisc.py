@@ -429,7 +429,7 @@ def run_train(run: Path, corpus: Corpus, text, valid, size: dict, cfg: Loop, see
 
 def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
     """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the result. Saving adds
-    the key and a fingerprint of the contents, which names it; loading adds "path" (section 17)."""
+    the key, the loop's record and a fingerprint of the contents, which names it; loading adds "path" (section 17)."""
     return {"kind": "lm", "config": model.config, "model": model.state_dict(), "vocab": corpus.vocab,
             "data": corpus.path, "result": result}
 
@@ -504,7 +504,7 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
     # the kept weights' numbers: their validation, and test, measured once
     result = {"valid_text": valid_name, "valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
               "test": disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus),
-              "kept_step": loop["best_step"], "valid_L_D_history": [(h["step"], h["L_D"]) for h in loop["history"]]}
+              "kept_step": loop["best_step"]}         # Part III adds each validation ("history")
     print(f"train-disc | {valid_name} | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
     for report in DISC_REPORTS:
         result |= report(q0, disc, valid_data)
@@ -626,7 +626,7 @@ PRESETS = {
                  disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
                  # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
                  train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
-                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=25),
+                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=10),
                  kl_weight=1.0),            # the weight of KL(q || p_hat) beside CE: the paper sums the two
     # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
     # out, so from epoch 11 the lr is divided by 4 every epoch (about an hour: valid 95.05, test 91.41).
@@ -1019,6 +1019,46 @@ def run_top_words(run: Path, disc_path: Path, prompt: str, k: int) -> str:
                                for w in (i, j)))
     return "\n".join(rows)
 
+def run_curves(paths: list) -> str:
+    """Each finished phase keeps its loop's record (section 17): the mean training losses of each progress line
+    ("curve") and each validation ("history"). Drawn as bars, one series at a time, all files on one scale, so two
+    runs' shapes compare: phase 2's L_D per epoch, phase 3's CE and KL per progress line. With matplotlib installed
+    (never required), a PNG of the same series as well, beside the first checkpoint."""
+    series = {}                                     # "training ce" -> {path: [(step, value), ...]}
+    for path in paths:
+        result = load_checkpoint(path, "lm or disc")["result"]
+        need("history" in result, f"{path} holds no loop record: it was not trained by this version of lmdisc.py")
+        for where, points, names in (("training", result["curve"], None), ("validation", result["history"],
+                                                                             ("L_D", "valid_ppl"))):
+            for point in points:
+                for name, value in point.items():
+                    if name != "step" and name != "lr" and (names is None or name in names):
+                        series.setdefault(f"{where} {name}", {}).setdefault(str(path), []).append((point["step"], value))
+    lines = []
+    for name, runs in series.items():
+        values = [v for points in runs.values() for _, v in points]
+        lo, hi = min(values), max(values)
+        lines.append(f"{name} | each bar: 1 mark at {lo:.5g} (the lowest shown) to 40 at {hi:.5g} (the highest)")
+        for path, points in runs.items():
+            lines += [f"  {path}"] + [f"    step {step:>6} {v:10.5f} {'#' * (1 + round(39 * (v - lo) / (hi - lo or 1)))}"
+                                      for step, v in points]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")                       # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(lines)
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.5 * len(series)), squeeze=False)
+    for ax, (name, runs) in zip(axes[:, 0], series.items()):
+        for path, points in runs.items():
+            ax.plot(*zip(*points), marker="o", label=path)
+        ax.set(title=name, xlabel="step")
+        ax.legend(fontsize=6)
+    png = Path(paths[0]).parent / f"curves-{'+'.join(Path(p).stem for p in paths)[:150]}.png"
+    fig.tight_layout()
+    atomic_write(png, b"", save=lambda _, f: fig.savefig(f, format="png"))
+    return "\n".join(lines + [f"curves | the same as a picture: {png}"])
+
 
 # #####################################################################################################################
 #                                       PART III. PLUMBING (a reader may skip it)
@@ -1169,7 +1209,7 @@ def load_checkpoint(path, kind: str = "lm", make: str | None = None, run: Path |
         lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
         raise LmdiscError(f"{path} is not a readable lmdisc checkpoint "
                           f"({next((x for x in lines if 'Unpickler error' in x), lines[0])})") from None
-    need(isinstance(ck, dict) and ck.get("kind") == kind, f"{path} is not an lmdisc {kind} checkpoint")
+    need(isinstance(ck, dict) and ck.get("kind") in kind.split(" or "), f"{path} is not an lmdisc {kind} checkpoint")
     need(ck.get("format") == 3 and ck.get("fingerprint") == content_sha(ck), f"{path} fails its integrity check: "
          f"damaged, or written by another version of lmdisc; delete it and run the step that makes it again")
     ck["path"] = path
@@ -1262,8 +1302,7 @@ class Output:
 
     @contextlib.contextmanager
     def training(self, phase: str, loop: dict, total: int, per_epoch: int):
-        self.phase, self.total, self.per_epoch = phase, total, per_epoch
-        self.meter = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
+        self.phase, self.total, self.per_epoch, self.loop = phase, total, per_epoch, loop
         Output.training_now = True
         try:
             yield
@@ -1272,10 +1311,12 @@ class Output:
 
     def progress(self, loop: dict, shown: dict, tokens: int, interval: int) -> None:
         """Every `interval` steps: mean losses since the last line, ms/batch and tok/s of training steps only (so
-        that a CE + KL step and a CE step compare), time left. A loss of nan or inf stops the run."""
+        that a CE + KL step and a CE step compare), time left. A loss of nan or inf stops the run. The means go to
+        loop["curve"] too (the `curves` view draws them); the meter lives in the loop, so a resumed run averages
+        the same steps as one never stopped."""
         if not all(math.isfinite(v) for v in shown.values()):
             self.check_finite(math.nan, f"the loss became {shown}", loop["step"])
-        m = self.meter
+        m = loop.setdefault("meter", {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}})
         m["n"], m["tokens"] = m["n"] + 1, m["tokens"] + tokens
         m["sums"] = {k: m["sums"].get(k, 0.0) + v for k, v in shown.items()}
         if m["n"] < interval and loop["step"] % self.per_epoch and loop["step"] < self.total:
@@ -1286,14 +1327,18 @@ class Output:
         print(f"{self.phase} | epoch {(step - 1) // self.per_epoch + 1:>3} | step {step:>6}/{self.total} | lr "
               f"{loop['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f} tok/s | "
               f"{means} | {(self.total - step) * sec / n / 60:.1f} min left", flush=True)
-        self.meter = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
+        loop.setdefault("curve", []).append({"step": step} | {k: v / n for k, v in m["sums"].items()})
+        loop["meter"] = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
 
     def validated(self, loop: dict, line: str, verdict: str) -> None:
         print(f"{'-' * 110}\n{self.phase} | validation at step {loop['step']:>6} | {line} | {verdict}\n{'-' * 110}",
               flush=True)
 
     def save(self, ck: dict) -> None:
-        """The phase is done: its output, a JSON copy of its result, and no resume point. Only this marks it done."""
+        """The phase is done: its output, a JSON copy of its result, and no resume point. Only this marks it done.
+        A trained phase's result gains the loop's record: each validation, and the means of each progress line."""
+        if hasattr(self, "loop"):                   # in place: the caller's copy of the result has it too
+            ck["result"].update(history=self.loop["history"], curve=self.loop.get("curve", []))
         ck = ck | {"key": self.key, "result": normalised(ck["result"])}
         if isinstance(ck.get("data"), Path):       # relative to the checkpoint too, for a moved project
             ck["data"] = [os.path.relpath(ck["data"].resolve(), self.path.parent.resolve()), str(ck["data"].resolve())]
@@ -1472,6 +1517,9 @@ def add_views(new, seed) -> None:
     q.add_argument("--run", type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
     q.add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
     q.add_argument("--k", type=in_range(1, 100, int), default=10, help="how many words (default: 10)")
+    q = new("curves", lambda a: print(run_curves(a.checkpoints)), "the training and validation curves of finished "
+            "phases, as bars (and a PNG if matplotlib is installed)")
+    q.add_argument("checkpoints", type=Path, nargs="+", help="LM or discriminator checkpoints, drawn on one scale")
     q = new("make-synthetic", lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model")
     q.add_argument("--out", type=Path, default=HERE / "synthetic", help="the folder (default: synthetic/); then "
                    "pass it to train as --data")

@@ -584,6 +584,27 @@ def test_generate_and_top_words(run, capsys):
     assert capsys.readouterr().err == "error: --prompt has no words\n"
 
 
+def test_curves_draw_each_phases_record_on_one_scale(run, capsys, monkeypatch):
+    """Each trained phase keeps its validations and the means of its progress lines; `curves` draws them as bars
+    from 1 mark (the lowest value of a series, over all files) to 40 (the highest), and only bars without matplotlib."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # as on a machine without it: import fails
+    arms = [run / "finetune" / "ce.pt", run / "finetune" / "kl.pt"]
+    assert run_cli("curves", *arms) == 0
+    out = capsys.readouterr().out
+    kl = json.loads((run / "finetune" / "kl.json").read_text())
+    steps = [c["step"] for c in kl["curve"]]       # tiny: a line every 10 steps and at the epoch's end
+    assert steps == [10, 20, 30, 40, steps[-1]] and all(set(c) == {"step", "ce", "kl"} for c in kl["curve"])
+    assert [h["step"] for h in kl["history"]] == [0, steps[-1]] and "picture" not in out
+    series = out.split("\n", 1)[1]                                 # the first series: training ce, control then KL arm
+    bars = [line.split() for line in series.split("validation valid_ppl")[0].splitlines() if line.strip().startswith("step")]
+    assert len(bars) == 10 and {len(b[3]) for b in bars} >= {1, 40}
+    assert [float(b[2]) for b in bars[5:]] == pytest.approx([c["ce"] for c in kl["curve"]], abs=1e-5)
+    assert "validation valid_ppl" in out and "training kl" in out
+    assert run_cli("curves", run / "disc.pt") == 0 and "validation L_D" in capsys.readouterr().out
+    assert run_cli("curves", run / "finetune" / "finetune.pt") == 1
+    assert "is not an lmdisc lm or disc checkpoint" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- interrupts, resume, divergence -------------
 
 TINY_DATA = dict(n_words=30, tokens=(6_000, 1_000, 1_000))
@@ -798,7 +819,7 @@ def test_a_moved_project_still_finds_its_data_and_a_damaged_json_is_only_a_copy(
 def test_cli_lists_exactly_its_subcommands():
     sub = next(a for a in L.build_parser()._actions if a.dest == "command")
     assert list(sub.choices) == ["train", "train-disc", "finetune", "pipeline", "analyze", "evaluate", "generate",
-                                 "top-words", "make-synthetic", "download"]
+                                 "top-words", "curves", "make-synthetic", "download"]
 
 
 @pytest.mark.parametrize("argv", [["train", "--seed", "-1"], ["train", "--epochs", "1.5"], ["finetune", "--lr", "x"],
