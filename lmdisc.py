@@ -16,7 +16,7 @@ The file has three parts. The first (sections 1-9) is the paper's method, top to
 specifies, and the loss forms this project derived where its method section is not public (section 4 says which).
 It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring, a
 discriminator too small to memorise, learning on half of valid, a corpus whose truth is known, the strongest
-CE-only baseline, rare words, two ways to look at a model. The third (16-19) is plumbing a reader may skip. Left
+CE-only baseline, rare words, views of the models and curves. The third (16-19) is plumbing a reader may skip. Left
 out: the paper's AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants whose answers
 logs/README.md records with the commit of their code.
 """
@@ -70,12 +70,8 @@ class Corpus:
 def load_corpus(folder: Path) -> Corpus:
     """The vocabulary from the training text, then each split as ids; a word the training text never had maps to
     <unk> (PTB has one), or stops the loader with its file and line rather than inventing an id."""
-    lines = {}
-    for split in SPLITS:
-        try:                                        # utf-8-sig: a byte-order mark some editors write is no word
-            lines[split] = (folder / f"ptb.{split}.txt").read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError:
-            raise LmdiscError(f"{folder / f'ptb.{split}.txt'} is not UTF-8 text") from None
+    # utf-8-sig: a byte-order mark some editors write is no word (prepare_corpus has checked the files are UTF-8)
+    lines = {s: (folder / f"ptb.{s}.txt").read_text(encoding="utf-8-sig").splitlines() for s in SPLITS}
     words = lambda split: (w for line in lines[split] for w in line.split() + [EOS])   # <eos>: a word to predict too
     index = {w: i for i, w in enumerate(dict.fromkeys(words("train")))}
     splits = [[index.get(w, index.get(UNK)) for w in words(s)] for s in SPLITS]
@@ -170,7 +166,6 @@ class LSTMLM(nn.Module):
 
 class LSTMDiscriminator(nn.Module):
     """s(c, w) = head(h_c)_w + b_w: h_c the state of its own LSTM after reading c, b_w one number per word.
-
     Zero-initialised head and bias: training starts at s = 0, chance level (D = 1/2, p_hat = q0), so a
     discriminator that learns nothing leaves the LM alone."""
 
@@ -453,8 +448,7 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
 
 DISCRIMINATORS = {"lstm": lambda size, q0, corpus: LSTMDiscriminator(q0.config["vocab_size"], **size)}  # --arch
 DISC_TEXTS = {"train": lambda c: (c.train, c.valid, "valid")}  # --split -> (learns on, validates on, its name)
-DISC_DIAGNOSTICS = []                             # more numbers per position, beside L_D and the accuracies
-DISC_REPORTS = []                                 # lines about a trained discriminator
+DISC_DIAGNOSTICS, DISC_REPORTS = [], []           # more numbers per position beside L_D; lines about a trained one
 
 @torch.no_grad()
 def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus) -> dict:
@@ -539,6 +533,13 @@ def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
 
 FINETUNE_REPORTS = []                             # more rows and lines beside the table, once both arms finished
 
+def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
+    """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
+    score, metrics, line = lm_validate(q, valid)
+    kl = torch.cat([reverse_kl(lq.log_softmax(-1), lq0.log_softmax(-1), s).flatten()
+                    for _, _, (lq, lq0, s) in stream([q, q0, disc], valid)]).double().mean().item()
+    return score, metrics | {"valid_kl": kl}, f"{line} | KL(q||p_hat) {kl:.4f}"
+
 def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid,
                  cfg: Loop, kl_weight: float, seed: int, device) -> dict:
     """Fine-tune one copy of q0: "kl" with CE + kl_weight KL, "ce" the control with CE alone."""
@@ -569,7 +570,7 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
     states = lambda b: {"q": q.init_hidden(b)} | ({"q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
                                                   "disc": disc.init_hidden(b)} if weight else {})  # the control: q's
     loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, states,
-               lambda: lm_validate(q, valid), text, cfg, out, validate_first=True)
+               lambda: finetune_validate(q, q0, disc, valid), text, cfg, out, validate_first=True)
     result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],
               "best_step": loop["best_step"], "ms_per_batch": round(1000 * loop["seconds"] / loop["step"], 1)}
     out.save(lm_checkpoint(q, corpus, result))
@@ -639,9 +640,8 @@ PRESETS = {
                   finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
 }
 # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured); phases 2 and 3 as in small
-PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5),
-                         train=Loop(lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1,
-                                                                                    dropout=0.5))
+PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Loop(
+    lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
 
 
 # #####################################################################################################################
@@ -917,7 +917,7 @@ FINETUNE_REPORTS.append(against_baselines)
 
 
 # =====================================================================================================================
-# 15. Looking at the models: rare words, phase 2's numbers on whole splits, samples, one context in words
+# 15. Looking at the models: rare words, phase 2 on whole splits, samples, one context in words, the curves
 # =====================================================================================================================
 # The paper's second claim: CE under-weights rare words, and the reverse-KL fine-tune gives them probability back.
 # `analyze` groups the test tokens by how often their word occurs in the LM's training text and compares the mean
@@ -1029,19 +1029,20 @@ def run_curves(paths: list) -> str:
         result = load_checkpoint(path, "lm or disc")["result"]
         need("history" in result, f"{path} holds no loop record: it was not trained by this version of lmdisc.py")
         for where, points, names in (("training", result["curve"], None), ("validation", result["history"],
-                                                                             ("L_D", "valid_ppl"))):
+                                                                             ("L_D", "valid_ppl", "valid_kl"))):
             for point in points:
                 for name, value in point.items():
-                    if name != "step" and name != "lr" and (names is None or name in names):
-                        series.setdefault(f"{where} {name}", {}).setdefault(str(path), []).append((point["step"], value))
+                    if name not in ("step", "lr") and (names is None or name in names):
+                        runs = series.setdefault(f"{where} {name}", {})
+                        runs.setdefault(str(path), []).append((point["step"], value))
     lines = []
     for name, runs in series.items():
         values = [v for points in runs.values() for _, v in points]
         lo, hi = min(values), max(values)
         lines.append(f"{name} | each bar: 1 mark at {lo:.5g} (the lowest shown) to 40 at {hi:.5g} (the highest)")
+        bar = lambda v: "#" * (1 + round(39 * (v - lo) / (hi - lo or 1)))
         for path, points in runs.items():
-            lines += [f"  {path}"] + [f"    step {step:>6} {v:10.5f} {'#' * (1 + round(39 * (v - lo) / (hi - lo or 1)))}"
-                                      for step, v in points]
+            lines += [f"  {path}"] + [f"    step {step:>6} {v:10.5f} {bar(v)}" for step, v in points]
     try:
         import matplotlib
         matplotlib.use("Agg")                       # files only, no window
@@ -1077,7 +1078,13 @@ PTB_SHA256 = {"ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912
               "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"}
 
 def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's sha256; on the way, a file that is not UTF-8 text is one line here (load_corpus reads text)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LmdiscError(f"{path} is not UTF-8 text") from None
+    return hashlib.sha256(data).hexdigest()
 
 def download_ptb(dest: Path, base_url: str | None = None, timeout: float = 30.0) -> None:
     """Fetch the files PTB's that `dest` lacks; each is checked before it gets its name (so never half-written)."""

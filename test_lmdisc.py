@@ -595,14 +595,27 @@ def test_curves_draw_each_phases_record_on_one_scale(run, capsys, monkeypatch):
     steps = [c["step"] for c in kl["curve"]]       # tiny: a line every 10 steps and at the epoch's end
     assert steps == [10, 20, 30, 40, steps[-1]] and all(set(c) == {"step", "ce", "kl"} for c in kl["curve"])
     assert [h["step"] for h in kl["history"]] == [0, steps[-1]] and "picture" not in out
+    ce = json.loads((run / "finetune" / "ce.json").read_text())   # KL(q || p_hat) on validation, both arms: at
+    assert ce["history"][0]["valid_kl"] == kl["history"][0]["valid_kl"] > 0          # step 0 both are q0
+    assert kl["history"][1]["valid_kl"] < ce["history"][1]["valid_kl"]              # the KL arm ends nearer p_hat
     series = out.split("\n", 1)[1]                                 # the first series: training ce, control then KL arm
-    bars = [line.split() for line in series.split("validation valid_ppl")[0].splitlines() if line.strip().startswith("step")]
+    bars = [line.split() for line in series.split("validation valid_ppl")[0].splitlines()
+            if line.strip().startswith("step")]
     assert len(bars) == 10 and {len(b[3]) for b in bars} >= {1, 40}
     assert [float(b[2]) for b in bars[5:]] == pytest.approx([c["ce"] for c in kl["curve"]], abs=1e-5)
-    assert "validation valid_ppl" in out and "training kl" in out
+    assert "validation valid_ppl" in out and "training kl" in out and "validation valid_kl" in out
     assert run_cli("curves", run / "disc.pt") == 0 and "validation L_D" in capsys.readouterr().out
     assert run_cli("curves", run / "finetune" / "finetune.pt") == 1
     assert "is not an lmdisc lm or disc checkpoint" in capsys.readouterr().err
+
+
+def test_curves_also_write_a_png_when_matplotlib_is_installed(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (never required): the curves stay bars")
+    for name in ("ce.pt", "kl.pt"):
+        (tmp_path / name).write_bytes((run / "finetune" / name).read_bytes())
+    assert run_cli("curves", tmp_path / "ce.pt", tmp_path / "kl.pt") == 0
+    assert capsys.readouterr().out.endswith(f"picture: {tmp_path / 'curves-ce+kl.png'}\n")
+    assert (tmp_path / "curves-ce+kl.png").read_bytes().startswith(b"\x89PNG")
 
 
 # ---------------------------------------------------------------- interrupts, resume, divergence -------------
