@@ -48,7 +48,10 @@ def row(text):
     cur = s["curves finetune-lr-0.01/ce.pt finetune-lr-0.01/kl.pt"]
     kl = [float(x) for x in re.findall(r"step +\d+ +([\d.]+)", cur.split("training kl")[1])]
     ce = [float(x) for x in re.findall(r"step +\d+ +([\d.]+)", cur.split("validation")[0])]
-    r["5c"] = f"training kl {kl[0]:.4f} -> {kl[-1]:.4f}; last training ce control {ce[len(ce)//2-1]:.4f}, kl arm {ce[-1]:.4f}"
+    vkl = lambda out, arm: re.findall(r"finetune\[" + arm + r"\] \| validation at step +\d+ .*KL\(q\|\|p_hat\) ([\d.]+)", out)
+    r["5c"] = (f"lr 1e-2: training kl {kl[0]:.4f} -> {kl[-1]:.4f}; valid KL(q‖p_hat) {vkl(pipe, 'ce')[0]} at step 0 -> "
+               + ", ".join(f"lr {lr}: ctl {vkl(o, 'ce')[-1]} kl {vkl(o, 'kl')[-1]}" for lr, o in
+                           (("1e-4", pipe), ("1e-3", s["finetune --lr 1e-3"]), ("1e-2", s["finetune --lr 1e-2"]))))
     w03, w3 = arms(s["finetune --lr 1e-2 --kl-weight 0.3"]), arms(s["finetune --lr 1e-2 --kl-weight 3"])
     r[6] = f"valid 0.3 / 1 / 3: {vv(w03,'kl')} / {vv(a2,'kl')} / {vv(w3,'kl')}; test {w03['kl'][1]} / {a2['kl'][1]} / {w3['kl'][1]}; rescored {a2['resc'][0]} / {a2['resc'][1]}"
     trap = s["trap-%s.py finetune --lr 1e-2" % "{}"] if False else next(v for k, v in s.items() if k.startswith("trap"))
@@ -62,20 +65,23 @@ def row(text):
     el, et = ep(lstm), ep(temp)
     evl = s["evaluate --checkpoint lm.pt --disc disc-epochs-5-split-valid-a.pt"]
     evt = s["evaluate --checkpoint lm.pt --disc disc-lr-0.01-epochs-5-arch-temperature-split-valid-a.pt"]
-    amean = lambda out: re.findall(r"([+-][\d.]+)(?:,|$)", re.search(r"mean a\(c\).*", out)[0])
+    amean = lambda out: re.findall(r"([+-][\d.]+)(?:,|;|$)", re.search(r"mean a\(c\).*", out)[0])
     r[9] = (f"LSTM valid L_D by epoch {' '.join(f'{x:.4f}' for x in el)}; temperature {' '.join(f'{x:.4f}' for x in et)}; "
             f"evaluate learned/other/test LSTM {' / '.join(f'{num(LD, evl, i):.5f}' for i in range(3))}, temperature "
-            f"{' / '.join(f'{num(LD, evt, i):.5f}' for i in range(3))}; a(c) sure/mid/unsure {' '.join(amean(temp))}")
+            f"{' / '.join(f'{num(LD, evt, i):.5f}' for i in range(3))}; a(c) sure / between / unsure / overall {' '.join(amean(temp))}")
     an = s["analyze"]
     b = {m[0]: m[1:] for m in re.findall(r"^ *(\S+) +\d+ +(?:-[\d.]+ +){4}([+-][\d.]+) +([+-][\d.]+) +([+-][\d.]+)$", an, re.M)}
     r[10] = "; ".join(f"{k}: resc {v[0]}, ctl {v[1]}, kl {v[2]}" for k, v in b.items())
     t11 = s["train-disc --arch temperature --lr 1e-2"]
-    r[11] = (f"a(c) sure/mid/unsure {' '.join(amean(t11))}; valid L_D {num(VAL, t11):.5f} vs LSTM "
+    r[11] = (f"a(c) sure / between / unsure / overall {' '.join(amean(t11))}; valid L_D {num(VAL, t11):.5f} vs LSTM "
              f"{num(VAL, pipe):.5f}; rescored valid {num(RESC, t11.split(VALID_LINE)[1]):.2f} vs "
              f"{a4['resc'][0]} (base {re.search(BASE, pipe)[1]})")
-    gen = [s[f"generate --checkpoint {m} --words 25"].split() for m in ("lm.pt", "finetune/ce.pt", "finetune/kl.pt")]
-    part = lambda a, b: next((i + 1 for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    r[13] = f"control parts from q0 at word {part(gen[0], gen[1])}, KL arm at word {part(gen[0], gen[2])}"
+    models = ("lm.pt", "finetune/ce.pt", "finetune/kl.pt", "finetune-lr-0.01/ce.pt", "finetune-lr-0.01/kl.pt")
+    gen = [s[f"generate --checkpoint {m} --words 25"].strip().replace("\n", " <eos> ").split() for m in models]
+    part = lambda a, b: next((i + 1 for i, (x, y) in enumerate(zip(a, b)) if x != y), "none of 25")
+    r[13] = ("word where each sample parts from q0's: lr 1e-4 control " + str(part(gen[0], gen[1])) + ", KL arm " +
+             str(part(gen[0], gen[2])) + "; lr 1e-2 control " + str(part(gen[0], gen[3])) + ", KL arm " +
+             str(part(gen[0], gen[4])))
     return r
 
 runs = [row(open(p).read()) for p in sys.argv[1:]]

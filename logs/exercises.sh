@@ -29,4 +29,5 @@ ex $L curves $R/disc-epochs-5-split-valid-a.pt $R/disc-lr-0.01-epochs-5-arch-tem
 ex $L analyze --run $R                                                                        # 10
 ex $L top-words --run $R --prompt "the company said"
 ex $L train-disc --arch temperature --lr 1e-2 --seed $S --run $R                              # 11
-for m in lm.pt finetune/ce.pt finetune/kl.pt; do ex $L generate --checkpoint $R/$m --words 25; done   # 13
+for m in lm.pt finetune/ce.pt finetune/kl.pt finetune-lr-0.01/ce.pt finetune-lr-0.01/kl.pt; do    # 13
+  ex $L generate --checkpoint $R/$m --words 25; done
