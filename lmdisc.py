@@ -185,8 +185,7 @@ class LSTMDiscriminator(nn.Module):
         return self.bias.new_zeros(shape), self.bias.new_zeros(shape)
 
     def forward(self, x: torch.Tensor, hidden):
-        """x: (t, b) ids -> s: (t, b, V). It reads the words q0 read, with its own embedding and LSTM, so that it
-        can notice what q0 misses."""
+        """x: (t, b) ids -> s: (t, b, V), reading q0's words with its own embedding and LSTM: it sees what q0 misses."""
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
         return self.head(self.drop(out)) + self.bias, hidden
 
@@ -491,8 +490,9 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
     def validate():                                 # the loss it minimises, on text it did not learn from
         m = disc_metrics(q0, disc, valid_data, corpus)
         return m["L_D"], m, disc_line(m)
-    print(f"train-disc | {arch} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | learns "
-          f"on {split} ({text.numel():,} tokens), validates on {valid_name} | negatives {negatives} | seed {seed}")
+    print(f"train-disc | {arch} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | learns on "
+          f"{split} (at most {cfg.max_tokens or text.numel():,} of its {text.numel():,} tokens per epoch), validates "
+          f"on {valid_name} | negatives {negatives} | seed {seed}")
     loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
                lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
     # the kept weights' numbers: their validation, and test, measured once
@@ -960,6 +960,14 @@ def run_analyze(run: Path, folder: Path) -> dict:
     print("\n".join(table))
     return {"rows": rows, "table": "\n".join(table)}
 
+def learned_text(text: torch.Tensor, loop: dict) -> torch.Tensor:
+    """The tokens one epoch of `fit` reads from `text`: all of it, or with max_tokens the first rows of each column
+    of the batchified text (section 1), column after column: 20 pieces from all over the text, not its start."""
+    if not loop["max_tokens"]:
+        return text
+    rows = max(1, loop["max_tokens"] // (loop["bptt"] * loop["batch_size"])) * loop["bptt"] + 1   # + the last target
+    return batchify(text, loop["batch_size"])[:rows].t().flatten()
+
 def cmd_evaluate(args) -> None:
     """Perplexities of any LM checkpoint on whole splits; with --disc, phase 2's numbers there too."""
     ck, device = load_checkpoint(args.checkpoint, "lm"), pick_device(args.device)
@@ -971,9 +979,10 @@ def cmd_evaluate(args) -> None:
         return
     disc_ck = load_checkpoint(args.disc, "disc")
     disc = load_disc(disc_ck, ck, model, corpus, device)
-    # beside the texts it never saw, the text it learned on (as many tokens of it as of the validation text): the
-    # view early stopping cannot hide, since a discriminator that memorised is far better there than anywhere else
+    # beside the texts it never saw, the text it learned on (at most as many tokens as valid has): the view early
+    # stopping cannot hide, since a discriminator that memorised is far better there than anywhere else
     learned, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)
+    learned = learned_text(learned, disc_ck["key"]["loop"])
     for name, text in ((f"learned on ({disc_ck['split']})", learned[:valid.numel()]), (valid_name, valid),
                        ("test", corpus.test)):
         print(f"evaluate | {name}, {text.numel():,} tokens | "

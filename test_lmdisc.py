@@ -561,6 +561,16 @@ def test_evaluate_with_a_discriminator_reads_whole_splits(run, capsys):
     assert "ppl rescored" in out and "true KL(q0||p)" in out
 
 
+def test_the_learned_on_view_scores_exactly_the_tokens_an_epoch_reads():
+    text, loop = torch.arange(10_000), L.Loop(lr=1.0, max_tokens=1_400, bptt=35, batch_size=20)
+    data = L.batchify(text, loop.batch_size)
+    read = torch.cat([torch.cat(L.get_batch(data, i * loop.bptt, loop.bptt)) for i in range(2)])   # 1,400 // 700
+    learned = L.learned_text(text, L.normalised(loop))
+    assert set(learned.tolist()) == set(read.flatten().tolist()) and learned.numel() == 71 * 20
+    assert learned[:71].tolist() == list(range(71))            # column 0's first 71 rows: the text's first 71 ids
+    assert torch.equal(L.learned_text(text, L.normalised(L.Loop(lr=1.0))), text)
+
+
 def test_temperature_discriminator_end_to_end_on_half_of_valid(run, capsys):
     assert run_cli("train-disc", "--run", run, "--arch", "temperature", "--split", "valid-a", "--lr", "1e-2",
                    "--epochs", 3) == 0
