@@ -536,8 +536,8 @@ FINETUNE_REPORTS = []                             # more rows and lines beside t
 def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
     """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
     score, metrics, line = lm_validate(q, valid)
-    kl = torch.cat([reverse_kl(lq.log_softmax(-1), lq0.log_softmax(-1), s).flatten()
-                    for _, _, (lq, lq0, s) in stream([q, q0, disc], valid)]).double().mean().item()
+    kl = sum(float(reverse_kl(lq.log_softmax(-1), lq0.log_softmax(-1), s).double().sum()) / valid[1:].numel()
+             for _, _, (lq, lq0, s) in stream([q, q0, disc], valid))          # a mean over the positions
     return score, metrics | {"valid_kl": kl}, f"{line} | KL(q||p_hat) {kl:.4f}"
 
 def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid,
