@@ -495,10 +495,9 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
           f"on {valid_name} | negatives {negatives} | seed {seed}")
     loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
                lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
-    # the kept weights' numbers: their validation, and test, measured once
     result = {"valid_text": valid_name, "valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
               "test": disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus),
-              "kept_step": loop["best_step"]}         # Part III adds each validation ("history")
+              "kept_step": loop["best_step"]}     # the kept weights' numbers (test: once); Part III adds "history"
     print(f"train-disc | {valid_name} | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
     for report in DISC_REPORTS:
         result |= report(q0, disc, valid_data)
