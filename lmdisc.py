@@ -1086,13 +1086,7 @@ PTB_SHA256 = {"ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912
               "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"}
 
 def sha256_of(path: Path) -> str:
-    """The file's sha256; on the way, a file that is not UTF-8 text is one line here (load_corpus reads text)."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise LmdiscError(f"{path} is not UTF-8 text") from None
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 def download_ptb(dest: Path, base_url: str | None = None, timeout: float = 30.0) -> None:
     """Fetch the files PTB's that `dest` lacks; each is checked before it gets its name (so never half-written)."""
@@ -1132,6 +1126,11 @@ def prepare_corpus(folder: Path) -> Corpus:
         bad = [f"ptb.{s}.txt" for s in SPLITS if sums[s] != PTB_SHA256[f"ptb.{s}.txt"]]
         need(not bad, f"{folder}/{bad and bad[0]} fails its sha256 check: changed or damaged (move it away, then "
                       f"`python lmdisc.py download`)")
+    for s in SPLITS:                                # load_corpus reads text: a binary file is one line here
+        try:
+            (folder / f"ptb.{s}.txt").read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise LmdiscError(f"{folder / f'ptb.{s}.txt'} is not UTF-8 text") from None
     fingerprint = hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16]
     # the same bytes are read once per process: `pipeline` runs four steps on one corpus (nothing changes a Corpus)
     if (folder.resolve(), fingerprint) not in LOADED:
