@@ -54,7 +54,7 @@ def row(text):
                            (("1e-4", pipe), ("1e-3", s["finetune --lr 1e-3"]), ("1e-2", s["finetune --lr 1e-2"]))))
     w03, w3 = arms(s["finetune --lr 1e-2 --kl-weight 0.3"]), arms(s["finetune --lr 1e-2 --kl-weight 3"])
     r[6] = f"valid 0.3 / 1 / 3: {vv(w03,'kl')} / {vv(a2,'kl')} / {vv(w3,'kl')}; test {w03['kl'][1]} / {a2['kl'][1]} / {w3['kl'][1]}; rescored {a2['resc'][0]} / {a2['resc'][1]}"
-    trap = s["trap-%s.py finetune --lr 1e-2" % "{}"] if False else next(v for k, v in s.items() if k.startswith("trap"))
+    trap = next(v for k, v in s.items() if k.startswith("trap"))
     at, k0 = arms(trap), lambda out: num(r"finetune\[kl\] \| epoch.*? kl ([\d.]+)", out)
     r[7] = (f"CE + KL {at['kl'][0]} / {at['kl'][1]} vs {a2['kl'][0]} / {a2['kl'][1]}; first kl line {k0(trap):.4f} vs "
             f"{k0(s['finetune --lr 1e-2']):.4f}")
