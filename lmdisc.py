@@ -12,18 +12,23 @@ reverse KL is computed against p_hat = q0 exp(s) / Z. Three phases, one subcomma
     python lmdisc.py finetune --lr 1e-4    # phase 3: CE + KL(q || p_hat) and the CE-only control -> runs/tiny/finetune/
     python lmdisc.py pipeline              # all three and the rare-word table (about a minute on 2 CPU cores)
 
+The paper's claims, from its two abstracts: v1 (November 2018), the discriminator finds words whose probabilities
+the LM overestimates and lowers them, above 0.5 perplexity gained, to below 54.0 on PTB (AWD-LSTM-MoS), much less
+under dynamic evaluation, WikiText-2 and a large corpus too; v2 (January 2019), PTB 52.4 -> 52.1 (AWD-LSTM-DOC), rare
+words gaining probability. Its method section could not be retrieved (no copy of it was found).
+
 The file has three parts. The first (sections 1-9) is the paper's method, top to bottom: what the paper
-specifies, and the loss forms this project derived where its method section is not public (section 4 says which).
-It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring, a
-discriminator too small to memorise, learning on half of valid, a corpus whose truth is known, the strongest
-CE-only baseline, rare words, views of the models and curves. The third (16-19) is plumbing a reader may skip. Left
+specifies, and the loss forms this project derived where the method section is missing (section 4 says which).
+It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring and the
+s = 0 control, a discriminator too small to memorise, learning on half of valid, a corpus whose truth is known, the
+strongest CE-only baseline, rare words, views of the models and curves. The third (16-19) is plumbing a reader may skip. Left
 out: the paper's AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants whose answers
 logs/README.md records with the commit of their code.
 """
 
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, hashlib, json, math, os, signal, sys, tempfile, time, urllib.request
+import argparse, contextlib, dataclasses, hashlib, json, math, os, re, signal, sys, tempfile, time, urllib.request, zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,8 +199,8 @@ class LSTMDiscriminator(nn.Module):
 # 4. The estimator: pure functions of log q0, s and log q (tensors in, tensors out; the last axis is the vocabulary)
 # =====================================================================================================================
 # Notation: log_q0 = log_softmax of the frozen base model's logits, s = the discriminator's logits, log_q = the
-# log-probabilities of the model being fine-tuned. Each is shaped (..., V). The paper's method section is not
-# public: the loss forms below are derived from its abstract and the density-ratio argument above.
+# log-probabilities of the model being fine-tuned. Each is shaped (..., V). The paper's method section could not be
+# retrieved: the loss forms below are derived from its abstracts and the density-ratio argument above.
 #
 # The chain of ideas, in order:
 #   discriminator_loss   trains s so that s -> log p - log q0 (section 3), the real word against q0's words
@@ -266,7 +271,9 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
     ce = F.nll_loss(log_q.flatten(0, -2), target.flatten())
     if kl_weight == 0:
         return ce, ce, torch.zeros_like(ce)
-    # loss = CE + kl_weight * mean_c KL(q(.|c) || p_hat(.|c))
+    # loss = CE + kl_weight * mean_c KL(q(.|c) || p_hat(.|c)): a KL per context, averaged over the data's contexts
+    # (not the sequence-level KL(Q || P), whose contexts would be drawn from q). Why not the logit alone, E_q[-s]?
+    # It has the same gradient at q = q0, but no finite minimiser: q would collapse onto the word of highest s.
     kl = reverse_kl(log_q_kl, log_q0, s).mean()
     return ce + kl_weight * kl, ce, kl
 
@@ -532,6 +539,19 @@ def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
 
 FINETUNE_REPORTS = []                             # more rows and lines beside the table, once both arms finished
 
+@contextlib.contextmanager
+def no_dropout(model: LSTMLM):
+    """The dropout-free model with a graph to back-propagate through. Not eval mode: cuDNN refuses the backward of
+    an LSTM run in eval mode ("cudnn RNN backward can only be called in training mode"), so the model stays in
+    training mode with every dropout at 0 (its own and nn.LSTM's between layers): the numbers eval mode gives,
+    and no random draw, so both arms keep the same dropout masks. (Turning cuDNN off instead would slow the GPU.)"""
+    saved = model.drop.p, model.rnn.dropout
+    model.drop.p = model.rnn.dropout = 0.0
+    try:
+        yield model
+    finally:
+        model.drop.p, model.rnn.dropout = saved
+
 def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
     """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
     score, metrics, line = lm_validate(q, valid)
@@ -560,9 +580,8 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
             logits, hidden["q0"] = q0(x, hidden["q0"])              # a (35, 20, V) tensor no longer needed is freed)
             log_q0 = torch.log_softmax(logits, -1)
             s, hidden["disc"] = disc(x, hidden["disc"])
-        q.eval()                                    # the pass the KL term reads: the same weights, no dropout
-        logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
-        q.train()
+        with no_dropout(q):                         # the pass the KL term reads: the same weights, no dropout
+            logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, weight)
         return loss, {"ce": ce, "kl": kl}
@@ -635,7 +654,7 @@ PRESETS = {
                   disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
                   # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
                   train_disc=Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
-                  # a fine-tune is a short walk from q0: a fifth of an epoch, validated every 100 steps
+                  # a fine-tune is a short walk from q0: half an epoch (664 of 1,328 steps), validated every 100
                   finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
 }
 # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured); phases 2 and 3 as in small
@@ -651,7 +670,7 @@ PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers
 # subcommand; no line of Part I names it. The measured answers are in README.md and logs/README.md.
 
 # =====================================================================================================================
-# 10. Rescoring: p_hat itself as a language model, and log Z
+# 10. What the discriminator adds: rescoring with p_hat itself, log Z, and the s = 0 control
 # =====================================================================================================================
 # p_hat = q0 exp(s) / Z is a distribution over the next word, so it can be used directly, with no fine-tune:
 # "rescoring". Its perplexity, beside q0's, says how much the discriminator knows that q0 does not; log Z says how
@@ -678,6 +697,25 @@ class Rescored(nn.Module):
         return torch.log_softmax(logits, -1) + s, (h0, h1)
 
 DISC_DIAGNOSTICS.append(rescoring)          # phase 3's table gets its row from section 14, which scores test with it
+
+# The s = 0 control. With s = 0, CE + KL(q || p_hat) is CE + KL(q || q0): an anchor to the base model that holds
+# nothing the discriminator learned. If phase 3 gains as much with it, the gain comes from staying near q0, not from
+# p_hat's correction. `train-disc --arch constant` learns one number for every context and word, s(c, w) = s0:
+# p_hat = q0 exactly whatever s0 is (Z absorbs it), and L_D is lowest at s0 = 0, chance. Phase 3 runs it as it runs
+# any discriminator: `finetune --disc RUN/disc-arch-constant.pt`.
+
+class ConstantDiscriminator(nn.Module):
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.s0 = vocab_size, nn.Parameter(torch.zeros(()))
+
+    def init_hidden(self, bsz: int):
+        return ()                                   # it reads nothing: no state
+
+    def forward(self, x, hidden):
+        return self.s0.expand(*x.shape, self.vocab_size), hidden    # (t, b, V), every value s0
+
+DISCRIMINATORS["constant"] = lambda size, q0, corpus: ConstantDiscriminator(q0.config["vocab_size"])
 
 
 # =====================================================================================================================
@@ -894,21 +932,22 @@ def test_log_probs(models: list, test: torch.Tensor):
     return targets, logps
 
 def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
-    """The control tempered on validation text, and CE + KL against the best baseline on test."""
+    """The control tempered on validation text, and CE + KL on test against the baseline best on validation."""
     beta = fit_temperature(models["ce"], valid)
     cands = {"CE-only control": models["ce"], f"CE-only control, temperature {1 / beta:.3f} fitted on validation":
              Tempered(models["ce"], beta), "rescored p_hat": Rescored(q0, disc), "CE + KL": models["kl"]}
     targets, logps = test_log_probs(list(cands.values()), test)
     ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(cands, logps)}
-    best = min(list(cands)[:3], key=ppl.get)
+    # the best baseline is chosen on validation, as any setting is; test only reports
+    valid_ppl = {name: perplexity(lm_cross_entropy(cands[name], valid)) for name in list(cands)[:3]}
+    best = min(valid_ppl, key=valid_ppl.get)
     boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)],
                             sentence_of_targets(test, corpus.vocab.index(EOS)))
     # the table's rows for rescoring and the tempered control: their test numbers are the ones just computed
     label = {"rescored p_hat": "rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)"}
-    rows = [(label.get(name, name), perplexity(lm_cross_entropy(cands[name], valid)), ppl[name], None)
-            for name in list(cands)[2:0:-1]]
+    rows = [(label.get(name, name), valid_ppl[name], ppl[name], None) for name in list(cands)[2:0:-1]]
     return {"beta": beta, "best_baseline": best, "bootstrap": boot, "rows": rows, "lines": [
-        f"finetune | CE + KL against the best baseline on test ({best}, ppl {ppl[best]:.2f}): "
+        f"finetune | CE + KL on test against the baseline best on validation ({best}, test ppl {ppl[best]:.2f}): "
         f"{100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), 95% interval {100 * boot['low']:+.2f}% .. "
         f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)"]}
 
@@ -1205,6 +1244,16 @@ def write_new_files(folder: Path, texts: dict, checkpoints: dict) -> None:
     for name, ck in checkpoints.items():
         save_checkpoint(folder / name, ck)
 
+def unreadable(path: Path, error: Exception) -> str:
+    """What a file torch.load(weights_only=True) refused is, in words (torch.save writes a zip archive)."""
+    head = path.read_bytes()[:4]
+    if not zipfile.is_zipfile(path):
+        return "is empty" if not head else "is truncated or damaged" if head == b"PK\x03\x04" else \
+            "is not a checkpoint (torch.save writes a zip archive; this file is not one)"
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))    # a pickle that would call a function when loaded
+    return f"names {named[1]}, which loading it would call: a file that can run code is refused" if named else \
+        "holds objects other than tensors, numbers, strings, lists and dicts"
+
 def load_checkpoint(path, kind: str = "lm", make: str | None = None, run: Path | None = None) -> dict:
     """Load, check its kind and fingerprint, or stop with one line; `make` is the command that writes it, with the
     flags that point it at the run folder (nothing for runs/tiny, --preset small, or --run DIR)."""
@@ -1219,10 +1268,9 @@ def load_checkpoint(path, kind: str = "lm", make: str | None = None, run: Path |
                          f"checkpoint {path} does not exist")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                          # truncated, a pickle that would run code, a text file...
-        lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-        raise LmdiscError(f"{path} is not a readable lmdisc checkpoint "
-                          f"({next((x for x in lines if 'Unpickler error' in x), lines[0])})") from None
+    except Exception as e:                          # torch's own message advises loading it unsafely: not repeated
+        raise LmdiscError(f"{path} {unreadable(path, e)}: delete it and run the step that makes it" +
+                          (f" (`{make}{hint}`)" if make else "")) from None
     need(isinstance(ck, dict) and ck.get("kind") in kind.split(" or "), f"{path} is not an lmdisc {kind} checkpoint")
     need(ck.get("format") == 3 and ck.get("fingerprint") == content_sha(ck), f"{path} fails its integrity check: "
          f"damaged, or written by another version of lmdisc; delete it and run the step that makes it again")
@@ -1497,7 +1545,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: tiny 1, small 14, medium 39)")
     p["train-disc"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over its text (default: 1)")
     p["train-disc"].add_argument("--arch", choices=list(DISCRIMINATORS), help="lstm: its own LSTM reads the context "
-                                 "(the paper's; the default); temperature: 17 numbers that re-temper q0 (section 11)")
+                                 "(the paper's; the default); temperature: 17 numbers that re-temper q0 (section 11); "
+                                 "constant: s = s0 everywhere, so p_hat = q0: the s = 0 control (section 10)")
     p["train-disc"].add_argument("--split", choices=list(DISC_TEXTS), help="the text it learns on: train, the LM's own "
                                  "(the paper's; the default); valid-a / valid-b: one half of valid (section 12)")
     p["train-disc"].add_argument("--negatives", choices=["exact", "sample"], help="exact: every word weighted by q0 "

@@ -454,16 +454,54 @@ def run_cli(*argv) -> int:
     return L.main([str(a) for a in argv])
 
 
+def cudnn_rule(monkeypatch):
+    """cuDNN's rule on the CPU: an LSTM run in eval mode while it builds a graph cannot be back-propagated on a GPU
+    ("cudnn RNN backward can only be called in training mode"), so here it raises at once."""
+    forward = torch.nn.LSTM.forward
+    def checked(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if not self.training and out[0].requires_grad:
+            raise RuntimeError("cudnn RNN backward can only be called in training mode")
+        return out
+    monkeypatch.setattr(torch.nn.LSTM, "forward", checked)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The three phases with the `tiny` preset, by their subcommands, on a small synthetic corpus (a few seconds)."""
+    """The three phases with the `tiny` preset, by their subcommands, on a small synthetic corpus (a few seconds),
+    under cuDNN's rule: every phase must also run on an NVIDIA GPU."""
     root = tmp_path_factory.mktemp("synthetic")
     L.make_synthetic(root / "data", n_words=50, tokens=(30_000, 6_000, 6_000))
     r = root / "run"
-    assert run_cli("train", "--data", root / "data", "--run", r) == 0
-    assert run_cli("train-disc", "--run", r) == 0
-    assert run_cli("finetune", "--run", r) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        cudnn_rule(mp)
+        assert run_cli("train", "--data", root / "data", "--run", r) == 0
+        assert run_cli("train-disc", "--run", r) == 0
+        assert run_cli("finetune", "--run", r) == 0
+        L.run_analyze(r, r / "finetune")
     return r
+
+
+def test_the_emulated_cudnn_rule_refuses_a_graph_through_an_lstm_in_eval_mode(monkeypatch):
+    lstm = torch.nn.LSTM(3, 3)
+    cudnn_rule(monkeypatch)
+    lstm(torch.randn(2, 1, 3))                                # training mode: allowed
+    with torch.no_grad():
+        lstm.eval()(torch.randn(2, 1, 3))                     # no graph: allowed
+    with pytest.raises(RuntimeError, match="training mode"):
+        lstm.eval()(torch.randn(2, 1, 3))
+
+
+def test_the_kl_pass_is_the_eval_mode_model_computed_in_training_mode():
+    """no_dropout gives eval mode's numbers bit for bit, draws no random number, and restores every dropout."""
+    q = L.LSTMLM(20, 8, 8, 2, 0.5)
+    x = torch.randint(20, (5, 3))
+    want = q.eval()(x, q.init_hidden(3))[0]                  # (with a graph: without, the CPU kernel differs)
+    rng = torch.get_rng_state()
+    with L.no_dropout(q.train()):
+        got = q(x, q.init_hidden(3))[0]
+    assert got.requires_grad and torch.equal(got, want) and torch.equal(torch.get_rng_state(), rng)
+    assert q.training and q.drop.p == 0.5 and q.rnn.dropout == 0.5
 
 
 def test_finetune_writes_a_table_of_five_models(run):
@@ -488,7 +526,9 @@ def test_both_arms_start_from_q0_and_the_control_differs_only_by_the_kl_term(run
 
 
 def test_both_arms_see_identical_batches_and_dropout_masks(run, tmp_path, monkeypatch):
-    """With the KL weight at 0 the KL arm must be the control, bit for bit: same batches, same dropout masks."""
+    """The KL arm's own code path (weight 1, its extra passes of q, q0 and s) with the KL term multiplied by 0 must
+    end bit for bit where the control ends: the same batches, and no random draw that would shift the dropout
+    masks (a torch.rand(()) added inside reverse_kl makes this test fail)."""
     lm_ck, disc_ck = L.load_checkpoint(run / "lm.pt"), L.load_checkpoint(run / "disc.pt", "disc")
     corpus = L.prepare_corpus(lm_ck["data"])
     cfg = L.PRESETS["tiny"]["finetune"]
@@ -498,9 +538,12 @@ def test_both_arms_see_identical_batches_and_dropout_masks(run, tmp_path, monkey
     disc = L.load_disc(disc_ck, lm_ck, q0, corpus, "cpu")
     args = args[:3] + (disc,) + args[4:]
     ce = L.finetune_arm("ce", tmp_path, {"t": 1}, *args, 1.0, 7, "cpu")
-    kl0 = L.finetune_arm("kl", tmp_path, {"t": 1}, *args, 0.0, 7, "cpu")
+    reverse_kl = L.reverse_kl
+    monkeypatch.setattr(L, "reverse_kl", lambda *a: 0 * reverse_kl(*a))
+    kl0 = L.finetune_arm("kl", tmp_path, {"t": 1}, *args, 1.0, 7, "cpu")
     a, b = L.load_checkpoint(tmp_path / "ce.pt")["model"], L.load_checkpoint(tmp_path / "kl.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a) and ce["valid_ppl"] == kl0["valid_ppl"]
+    assert ce["best_step"] == kl0["best_step"] > 0             # it trained: the weights moved from q0
 
 
 def test_the_kl_read_on_a_pass_with_dropout_exceeds_the_dropout_free_pass(run):
@@ -772,6 +815,11 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~L.UMASK)        # not mkstemp's 0600
 
 
+class RunsCode:
+    def __reduce__(self):                                      # unpickling would call os.system("true")
+        return os.system, ("true",)
+
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     path = small_lm_checkpoint(tmp_path)
     data = bytearray(path.read_bytes())
@@ -783,17 +831,24 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     del ck["result"]["valid_ppl"]                              # a nested field missing
     torch.save(ck, tmp_path / "nested.pt")
     torch.save({"kind": "lm", "run": print}, tmp_path / "code.pt")          # a pickle naming a function
+    torch.save({"kind": "lm", "run": exec}, tmp_path / "exec.pt")
+    torch.save({"kind": "lm", "x": RunsCode()}, tmp_path / "system.pt")      # would call os.system on load
     (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
     torch.save({"kind": "disc"}, tmp_path / "disc.pt")
     (tmp_path / "half.pt").write_bytes(path.read_bytes()[:1000])
     cases = {"flipped.pt": "fails its integrity check", "nested.pt": "fails its integrity check",
-             "code.pt": "Unsupported global", "text.pt": "not a readable lmdisc checkpoint",
-             "disc.pt": "not an lmdisc lm checkpoint", "half.pt": "not a readable", "nope.pt": "does not exist",
-             ".": "is a folder"}
+             "code.pt": "names print, which loading it would call", "exec.pt": "names exec, which",
+             "system.pt": f"names {os.system.__module__}.system, which loading it would call: a file that can run "
+             f"code is refused", "text.pt": "is not a checkpoint", "empty.pt": "is empty",
+             "disc.pt": "not an lmdisc lm checkpoint", "half.pt": "is truncated or damaged: delete it and run the "
+             "step that makes it", "nope.pt": "does not exist", ".": "is a folder"}
     for name, message in cases.items():
         assert L.main(["evaluate", "--checkpoint", str(tmp_path / name)]) == 1, name
         err = capsys.readouterr().err
         assert message in err and err.startswith("error:") and err.count("\n") == 1, (name, err)
+        # torch's own advice is the one action that would run the code: never repeated
+        assert not any(w in err for w in ("weights_only", "safe_globals", "file an issue")), (name, err)
     assert "train" not in L.main(["evaluate", "--checkpoint", "nope.pt"]) * "" + capsys.readouterr().err
 
 

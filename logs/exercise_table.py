@@ -40,7 +40,7 @@ def row(text):
         return dict(ce=g("CE-only control"), kl=g("CE + "), resc=g("rescored"), T=g("CE-only control, temperature"),
                     t=re.search(r"temperature ([\d.]+) fitted", out)[1],
                     boot=re.search(r"worse\), 95% interval .*?\(|: ([+-][\d.]+%) perplexity", out)[0],
-                    best=re.search(r"best baseline on test \((.*?), ppl", out)[1])
+                    best=re.search(r"best on validation \((.*?), test ppl", out)[1])
     a4, a3, a2 = arms(pipe), arms(s["finetune --lr 1e-3"]), arms(s["finetune --lr 1e-2"])
     vv = lambda a, k: a[k][0]
     r[5] = (f"valid ce {vv(a4,'ce')} / {vv(a3,'ce')} / {vv(a2,'ce')}; kl {vv(a4,'kl')} / {vv(a3,'kl')} / {vv(a2,'kl')} "
