@@ -32,9 +32,12 @@ import argparse, contextlib, dataclasses, hashlib, json, math, os, re, signal, s
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except KeyboardInterrupt:                           # Ctrl-C while torch loads: nothing started, no traceback
+    sys.exit(130)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA, DEFAULT_RUNS = HERE / "ptb", HERE / "runs"
@@ -432,7 +435,7 @@ def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
     """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the result. Saving adds
     the key, the loop's record and a fingerprint of the contents, which names it; loading adds "path" (section 17)."""
     return {"kind": "lm", "config": model.config, "model": model.state_dict(), "vocab": corpus.vocab,
-            "data": corpus.path, "result": result}
+            "data": corpus.path, "data_sha256": corpus.fingerprint, "result": result}
 
 def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
     """Rebuild an LM, frozen (eval mode, no gradients); refused with another vocabulary, where word i is another."""
@@ -616,8 +619,8 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
         (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
         (("ce", "CE-only control"), ("kl", f"CE + {kl_weight:g} KL(q || p_hat) (phase 3)"))]
     cost = round(arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"], 2)                  # training steps only
-    result = {"valid_text": valid_name, "arms": arms, "kl_step_cost_vs_ce": cost, "disc": disc_ck["path"],
-              "eval_tokens": cfg.eval_tokens}
+    result = {"valid_text": valid_name, "arms": arms, "kl_step_cost_vs_ce": cost, "eval_tokens": cfg.eval_tokens,
+              "disc": os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}    # found again in a moved copy
     lines = [f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"]
     for report in FINETUNE_REPORTS:                 # rows from Part II: rescoring, a tempered control
         extra = report(q0, disc, models, valid_data, test, corpus, disc_ck)
@@ -969,9 +972,9 @@ def run_analyze(run: Path, folder: Path) -> dict:
     """Mean test log-probability per training-count bucket for q0, p_hat and both arms; FOLDER/rare_words.csv."""
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
     ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune", run=run)["result"]
-    corpus, device = prepare_corpus(lm_ck["data"]), pick_device("auto")
+    corpus, device = prepare_corpus(lm_ck["data"], lm_ck), pick_device("auto")
     q0 = load_lm(lm_ck, corpus, device)
-    disc = load_disc(load_checkpoint(ft["disc"], "disc"), lm_ck, q0, corpus, device)
+    disc = load_disc(load_checkpoint(folder / ft["disc"], "disc"), lm_ck, q0, corpus, device)  # relative to it
     names = ["base", "rescored", "control", "kl"]
     models = [q0, Rescored(q0, disc)] + [load_lm(load_checkpoint(folder / f"{a}.pt"), corpus, device)
                                          for a in ("ce", "kl")]
@@ -1009,7 +1012,7 @@ def learned_text(text: torch.Tensor, loop: dict) -> torch.Tensor:
 def cmd_evaluate(args) -> None:
     """Perplexities of any LM checkpoint on whole splits; with --disc, phase 2's numbers there too."""
     ck, device = load_checkpoint(args.checkpoint, "lm"), pick_device(args.device)
-    corpus = prepare_corpus(ck["data"])
+    corpus = prepare_corpus(ck["data"], ck)
     model = load_lm(ck, corpus, device)
     if not args.disc:
         ppl = [perplexity(lm_cross_entropy(model, eval_data(t, device))) for t in (corpus.valid, corpus.test)]
@@ -1052,7 +1055,7 @@ def run_top_words(run: Path, disc_path: Path, prompt: str, k: int) -> str:
     """For one context, the discriminator's judgement in words: q0's and p_hat's top words, with s beside each."""
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
     disc_ck = load_checkpoint(disc_path, "disc", make="python lmdisc.py train-disc")
-    corpus = prepare_corpus(lm_ck["data"])
+    corpus = prepare_corpus(lm_ck["data"], lm_ck)
     q0 = load_lm(lm_ck, corpus, torch.device("cpu"))
     x = prompt_ids(lm_ck, prompt)
     log_q0 = torch.log_softmax(q0(x, q0.init_hidden(1))[0][-1, 0], -1)                 # (V,) after the prompt
@@ -1148,8 +1151,9 @@ def download_ptb(dest: Path, base_url: str | None = None, timeout: float = 30.0)
 
 LOADED = {}                                         # (folder, fingerprint) -> Corpus
 
-def prepare_corpus(folder: Path) -> Corpus:
-    """Check (or fetch, into the default folder only) the three files, load them, say what was loaded."""
+def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
+    """Check (or fetch, into the default folder only) the three files, load them, say what was loaded; with `of`,
+    an LM checkpoint, refuse the data if it changed since that LM learned on it (every number would be off)."""
     folder = Path(folder)
     missing = [f"ptb.{s}.txt" for s in SPLITS if not (folder / f"ptb.{s}.txt").is_file()]
     if folder.resolve() == DEFAULT_DATA.resolve() and missing:
@@ -1171,6 +1175,8 @@ def prepare_corpus(folder: Path) -> Corpus:
         except UnicodeDecodeError:
             raise LmdiscError(f"{folder / f'ptb.{s}.txt'} is not UTF-8 text") from None
     fingerprint = hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16]
+    need(of is None or of["data_sha256"] == fingerprint, f"{folder} has changed since {of and of['path']} learned on "
+         f"it (its sha256 differs): restore the files, or train again from phase 1 in another --run")
     # the same bytes are read once per process: `pipeline` runs four steps on one corpus (nothing changes a Corpus)
     if (folder.resolve(), fingerprint) not in LOADED:
         LOADED[folder.resolve(), fingerprint] = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)
@@ -1229,12 +1235,12 @@ def atomic_write(path: Path, data, save=None) -> None:
             os.remove(tmp)
 
 def save_checkpoint(path: Path, ck: dict) -> None:
-    atomic_write(path, ck | {"format": 3, "fingerprint": content_sha(ck | {"format": 3})}, torch.save)
+    atomic_write(path, ck | {"format": 4, "fingerprint": content_sha(ck | {"format": 4})}, torch.save)
 
 def write_new_files(folder: Path, texts: dict, checkpoints: dict) -> None:
     """Write files that must not replace anything: refused if a file of another content is there already."""
     for name, text in texts.items():
-        need(not (folder / name).exists() or (folder / name).read_text() == text, f"{folder / name} exists with "
+        need(not (folder / name).exists() or (folder / name).read_bytes() == text.encode(), f"{folder / name} exists with "
              f"other content: the program never replaces a file it did not write; choose another folder")
     if all((folder / n).exists() for n in list(texts) + list(checkpoints)):
         print(f"{folder} is up to date")
@@ -1272,7 +1278,7 @@ def load_checkpoint(path, kind: str = "lm", make: str | None = None, run: Path |
         raise LmdiscError(f"{path} {unreadable(path, e)}: delete it and run the step that makes it" +
                           (f" (`{make}{hint}`)" if make else "")) from None
     need(isinstance(ck, dict) and ck.get("kind") in kind.split(" or "), f"{path} is not an lmdisc {kind} checkpoint")
-    need(ck.get("format") == 3 and ck.get("fingerprint") == content_sha(ck), f"{path} fails its integrity check: "
+    need(ck.get("format") == 4 and ck.get("fingerprint") == content_sha(ck), f"{path} fails its integrity check: "
          f"damaged, or written by another version of lmdisc; delete it and run the step that makes it again")
     ck["path"] = path
     if "data" in ck:                                # a moved project still finds its data: relative first
@@ -1409,9 +1415,12 @@ class Output:
         self.partial.unlink(missing_ok=True)
 
 def on_signal(signum, frame) -> None:
-    """In a training loop the first signal only asks it to stop after this step; elsewhere, or a second one: now."""
-    if Output.training_now and Output.asked is None:
-        Output.asked = signum
+    """In a training loop the first signal only asks it to stop after this step; elsewhere, or a second one: now.
+    Once stopping, another signal changes nothing (it would interrupt the line that says so)."""
+    if Output.asked is not None and not Output.training_now:
+        return
+    first, Output.asked = Output.asked is None, signum
+    if first and Output.training_now:
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resume point (Ctrl-C again "
               f"to stop at once)", file=sys.stderr, flush=True)
         return
@@ -1469,7 +1478,7 @@ def variant(stem: str, args, lm_ck: dict, **defaults):
     """Each setting's value (its flag, or its default), and the output's name: "disc" for the defaults,
     "disc-lr-0.01-arch-temperature" for others, so that a variant never overwrites another run's files."""
     values = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()}
-    text = lambda k, v: v.stem if isinstance(v, Path) else f"{k.replace('_', '-')}-{v:g}" if isinstance(v, float) \
+    text = lambda k, v: v.stem if isinstance(v, Path) else f"{k.replace('_', '-')}-{v:.15g}" if isinstance(v, float) \
         else f"{k.replace('_', '-')}-{v}"
     parts = [text(k, v) for k, v in values.items() if text(k, v) != text(k, defaults[k])]
     # another seed than the LM's is a variant too: `pipeline --seed 2` then `finetune --seed 2` is the same run
@@ -1486,7 +1495,7 @@ def cmd_train_disc(args) -> None:
     run, p = args.run or DEFAULT_RUNS / args.preset, PRESETS[args.preset]
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
     # the text it learns on and the one it validates on: the LM's own and valid (the paper), or section 12's
-    corpus = prepare_corpus(lm_ck["data"])
+    corpus = prepare_corpus(lm_ck["data"], lm_ck)
     s, name = variant("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm",
                       split="train", negatives="exact")
     run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p["disc"], s["negatives"],
@@ -1499,7 +1508,9 @@ def cmd_finetune(args) -> None:
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
     disc_ck = load_checkpoint(args.disc or run / "disc.pt", "disc", make=None if args.disc else
                               "python lmdisc.py train-disc")
-    corpus = prepare_corpus(lm_ck["data"])
+    if disc_ck["path"].resolve().parent != run.resolve():   # another folder's: named by its fingerprint, not its name
+        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})
+    corpus = prepare_corpus(lm_ck["data"], lm_ck)
     _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text the discriminator learned on
     s, name = variant("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"], disc=run / "disc.pt")
     run_finetune(run / name, lm_ck, disc_ck, corpus, corpus.train, valid, valid_name,
@@ -1611,9 +1622,9 @@ def main(argv=None) -> int:
         print(f"error: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
     finally:
-        Output.asked = None
         for s, handler in previous.items():
             signal.signal(s, handler)
+        Output.asked = None
     return 0
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ after Ctrl-C or SIGTERM. Tests that need the real Penn Treebank look in ptb/ and
 so, if neither has it.
 """
 
+import argparse
 import json
 import math
 import os
@@ -887,7 +888,8 @@ def test_concurrent_writers_do_not_collide(tmp_path):
 
 def test_a_moved_project_still_finds_its_data_and_a_damaged_json_is_only_a_copy(run, tmp_path, capsys):
     import shutil
-    shutil.copytree(run.parent, tmp_path / "moved")            # the run folder and the data folder beside it
+    shutil.copytree(run.parent, tmp_path / "first")            # the run folder and the data folder beside it
+    shutil.move(tmp_path / "first", tmp_path / "moved")        # where it was made exists no more
     moved = tmp_path / "moved" / "run"
     assert L.load_checkpoint(moved / "lm.pt")["data"] == (tmp_path / "moved" / "data").resolve()
     (moved / "finetune" / "finetune.json").write_text("{ not json")   # the program reads the checkpoint, never this
@@ -952,6 +954,50 @@ def test_a_users_own_files_are_never_replaced(tmp_path, capsys):
     assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == 0
     assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == 0      # the same corpus again: up to date
     assert "is up to date" in capsys.readouterr().out
+    (tmp_path / "s" / "ptb.train.txt").write_bytes(b"\xff\xfe binary")       # the user's now, and not UTF-8
+    assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "exists with other content" in err and err.count("\n") == 1
+
+
+def test_data_changed_after_phase_1_is_refused_in_one_line(run, tmp_path, capsys):
+    import shutil
+    shutil.copytree(run.parent, tmp_path / "copy")
+    data, r = tmp_path / "copy" / "data", tmp_path / "copy" / "run"
+    (data / "ptb.train.txt").write_text((data / "ptb.train.txt").read_text() + "w1 w2\n")   # one line more
+    for argv in (["train-disc", "--run", r, "--lr", 0.5], ["finetune", "--run", r], ["evaluate", "--checkpoint",
+                 r / "finetune" / "kl.pt"], ["analyze", "--run", r]):
+        assert run_cli(*argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "has changed since" in err and err.count("\n") == 1, (argv, err)
+
+
+def test_other_settings_and_other_discriminators_get_their_own_folders(run):
+    lm_ck = L.load_checkpoint(run / "lm.pt")
+    names = lambda **flags: L.variant("finetune", argparse.Namespace(seed=1111, **flags), lm_ck, lr=1e-4,
+                                      disc=run / "disc.pt")[1]
+    assert names(lr=None, disc=None) == names(lr=1e-4, disc=run / "disc.pt") == "finetune"
+    assert names(lr=1.000001e-4, disc=None) != names(lr=1e-4, disc=None)
+    assert names(lr=1e-2, disc=run / "disc-arch-constant.pt") == "finetune-lr-0.01-disc-arch-constant"
+
+
+def test_another_folders_discriminator_is_named_by_its_fingerprint(run, tmp_path, capsys):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(run, other)                                # the same LM; its disc.pt is another folder's
+    assert run_cli("finetune", "--run", other, "--disc", run / "disc.pt") == 0
+    fingerprint = L.load_checkpoint(run / "disc.pt", "disc")["fingerprint"]
+    assert (other / f"finetune-disc-{fingerprint[:8]}" / "finetune.pt").exists()
+
+
+def test_a_second_signal_while_stopping_changes_nothing():
+    L.Output.asked, L.Output.training_now = None, False
+    try:
+        with pytest.raises(L.Stopped):
+            L.on_signal(signal.SIGINT, None)                   # outside a loop: stop now
+        assert L.on_signal(signal.SIGINT, None) is None       # 50 ms later, while the first one is reported
+    finally:
+        L.Output.asked = None
 
 
 def test_download_checks_sha256_and_says_where_to_put_files_offline(tmp_path, monkeypatch, capsys):
