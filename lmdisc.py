@@ -17,7 +17,7 @@ the LM overestimates and lowers them, above 0.5 perplexity gained, to below 54.0
 under dynamic evaluation, WikiText-2 and a large corpus too; v2 (January 2019), PTB 52.4 -> 52.1 (AWD-LSTM-DOC), rare
 words gaining probability. Its method section could not be retrieved (no copy of it was found).
 
-The file has three parts. The first (sections 1-9) is the paper's method, top to bottom: what the paper
+The file has three parts. The first (its settings, then sections 1-8) is the paper's method, top to bottom: what the paper
 specifies, and the loss forms this project derived where the method section is missing (section 4 says which).
 It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring and the
 s = 0 control, a discriminator too small to memorise, learning on half of valid, a corpus whose truth is known, the
@@ -28,7 +28,7 @@ logs/README.md records with the commit of their code.
 
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, hashlib, json, math, os, re, signal, sys, tempfile, time, urllib.request, zipfile
+import argparse, contextlib, dataclasses, hashlib, json, math, os, re, signal, sys, time, urllib.request, zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,53 @@ def need(condition, message: str) -> None:
 # #####################################################################################################################
 #                                       PART I. THE PAPER'S METHOD
 # #####################################################################################################################
+
+# =====================================================================================================================
+# 0. Settings: how each phase runs, and the presets, as plain data (the header of nanoGPT's train.py)
+# =====================================================================================================================
+# `--preset NAME` selects one, a flag changes one value; the subcommands give each phase the texts it learns and
+# validates on (the LM's training text and valid, as in the paper). lm: phase 1's LSTM (section 2); disc: the
+# paper's LSTM discriminator (section 3); then each phase's Loop, which `fit` (section 5) runs.
+
+@dataclass(frozen=True)
+class Loop:
+    """How the loop runs one phase, as plain data; each preset below sets its own."""
+    lr: float
+    epochs: int = 1               # passes over the text
+    clip: float = 0.25            # max gradient norm: pytorch/examples' value for these LSTMs
+    max_tokens: int = 0           # learn on at most this many tokens per epoch (0 = all): keeps `tiny` short
+    eval_tokens: int = 0          # validate and test on the first N tokens of each split (0 = all): `tiny` only
+    eval_every: int = 0           # also validate every N steps (0 = at epoch ends only)
+    patience: int = 0             # stop after N validations in a row without a gain (0 = never)
+    decay_start: int = 0          # from this epoch on, lr / 4 every epoch (0 = never): what `small` needs on a CPU
+    log_interval: int = 50        # steps between progress lines
+    batch_size: int = 20          # columns of the stream (section 1)
+    bptt: int = 35                # truncated-BPTT window (Zaremba et al. 2014; pytorch/examples)
+
+PRESETS = {
+    # tiny: a first look in about a minute on 2 CPU cores, on slices of the text: the mechanics, not the method's
+    # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 10).
+    "tiny": dict(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
+                 train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
+                 disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
+                 # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
+                 train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
+                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=10),
+                 kl_weight=1.0),            # the weight of KL(q || p_hat) beside CE: the paper sums the two
+    # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
+    # out, so from epoch 11 the lr is divided by 4 every epoch (about an hour: valid 95.05, test 91.41).
+    "small": dict(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
+                  train=Loop(lr=20.0, epochs=14, decay_start=11, log_interval=200),
+                  disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
+                  # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
+                  train_disc=Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
+                  # a fine-tune is a short walk from q0: half an epoch (664 of 1,328 steps), validated every 100
+                  finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
+}
+# medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured); phases 2 and 3 as in small
+PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Loop(
+    lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
+
 
 # =====================================================================================================================
 # 1. Data: Penn Treebank as one long stream of word ids
@@ -290,21 +337,6 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
 # validation (early stopping in its simplest form), divide the lr by 4 when a validation brings no gain. `out`
 # (Part III) is the phase's output file: it keeps a resume point after every validation and when Ctrl-C or SIGTERM
 # arrives (so the same command run again continues exactly), and prints the progress lines.
-
-@dataclass(frozen=True)
-class Loop:
-    """How the loop runs one phase, as plain data; each preset (section 9) sets its own."""
-    lr: float
-    epochs: int = 1               # passes over the text
-    clip: float = 0.25            # max gradient norm: pytorch/examples' value for these LSTMs
-    max_tokens: int = 0           # learn on at most this many tokens per epoch (0 = all): keeps `tiny` short
-    eval_tokens: int = 0          # validate and test on the first N tokens of each split (0 = all): `tiny` only
-    eval_every: int = 0           # also validate every N steps (0 = at epoch ends only)
-    patience: int = 0             # stop after N validations in a row without a gain (0 = never)
-    decay_start: int = 0          # from this epoch on, lr / 4 every epoch (0 = never): what `small` needs on a CPU
-    log_interval: int = 50        # steps between progress lines
-    batch_size: int = 20          # columns of the stream (section 1)
-    bptt: int = 35                # truncated-BPTT window (Zaremba et al. 2014; pytorch/examples)
 
 def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cfg: Loop, out,
         validate_first: bool = False) -> dict:
@@ -633,37 +665,6 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
     print(result["table"])
     out.save({"kind": "finetune", "result": result})
     return result
-
-# =====================================================================================================================
-# 9. Presets: one setting of every phase, as plain data (the header of nanoGPT's train.py)
-# =====================================================================================================================
-# `--preset NAME` selects one, a flag changes one value; the subcommands (section 19) give each phase the texts
-# it learns and validates on (the LM's training text and valid, as in the paper). lm: phase 1's LSTM (section 2);
-# disc: the paper's LSTM discriminator (section 3); then each phase's Loop (section 5).
-PRESETS = {
-    # tiny: a first look in about a minute on 2 CPU cores, on slices of the text: the mechanics, not the method's
-    # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 10).
-    "tiny": dict(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
-                 train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
-                 disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
-                 # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
-                 train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
-                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=10),
-                 kl_weight=1.0),            # the weight of KL(q || p_hat) beside CE: the paper sums the two
-    # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
-    # out, so from epoch 11 the lr is divided by 4 every epoch (about an hour: valid 95.05, test 91.41).
-    "small": dict(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
-                  train=Loop(lr=20.0, epochs=14, decay_start=11, log_interval=200),
-                  disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
-                  # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
-                  train_disc=Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
-                  # a fine-tune is a short walk from q0: half an epoch (664 of 1,328 steps), validated every 100
-                  finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
-}
-# medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured); phases 2 and 3 as in small
-PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Loop(
-    lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
-
 
 # #####################################################################################################################
 #                                       PART II. BEYOND THE PAPER
@@ -1149,8 +1150,6 @@ def download_ptb(dest: Path, base_url: str | None = None, timeout: float = 30.0)
         atomic_write(dest / name, data)
         print(f"download | {dest / name}: {len(data):,} bytes, sha256 ok")
 
-LOADED = {}                                         # (folder, fingerprint) -> Corpus
-
 def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
     """Check (or fetch, into the default folder only) the three files, load them, say what was loaded; with `of`,
     an LM checkpoint, refuse the data if it changed since that LM learned on it (every number would be off)."""
@@ -1177,10 +1176,7 @@ def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
     fingerprint = hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16]
     need(of is None or of["data_sha256"] == fingerprint, f"{folder} has changed since {of and of['path']} learned on "
          f"it (its sha256 differs): restore the files, or train again from phase 1 in another --run")
-    # the same bytes are read once per process: `pipeline` runs four steps on one corpus (nothing changes a Corpus)
-    if (folder.resolve(), fingerprint) not in LOADED:
-        LOADED[folder.resolve(), fingerprint] = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)
-    corpus = LOADED[folder.resolve(), fingerprint]
+    corpus = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)
     canonical = all(sums[s] == PTB_SHA256[f"ptb.{s}.txt"] for s in SPLITS)
     print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if canonical else ''} | vocabulary "
           f"{len(corpus.vocab):,} | train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | "
@@ -1214,25 +1210,17 @@ def content_sha(ck: dict) -> str:
     digest({k: v for k, v in ck.items() if k not in ("fingerprint", "path")}, h)
     return h.hexdigest()[:16]
 
-UMASK = os.umask(0o022)
-os.umask(UMASK)
-
 def atomic_write(path: Path, data, save=None) -> None:
     """Write to a temporary file beside `path`, then rename: a reader (or a crash) sees the old file or the new one,
-    never half of either. A full disk is one line naming the folder, and no temporary file stays."""
+    never half of either. On an error (a full disk: one line, from main) no temporary file stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"      # its own name: no writer collides
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             save(data, f) if save else f.write(data if isinstance(data, bytes) else data.encode())
-        os.chmod(tmp, 0o666 & ~UMASK)               # as any other file the user makes (mkstemp's is 0600)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:            # torch's disk-full message is "unexpected pos"
-        raise LmdiscError(f"could not write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                          f"is {path.parent} full or read-only?") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 def save_checkpoint(path: Path, ck: dict) -> None:
     atomic_write(path, ck | {"format": 4, "fingerprint": content_sha(ck | {"format": 4})}, torch.save)
@@ -1240,8 +1228,8 @@ def save_checkpoint(path: Path, ck: dict) -> None:
 def write_new_files(folder: Path, texts: dict, checkpoints: dict) -> None:
     """Write files that must not replace anything: refused if a file of another content is there already."""
     for name, text in texts.items():
-        need(not (folder / name).exists() or (folder / name).read_bytes() == text.encode(), f"{folder / name} exists with "
-             f"other content: the program never replaces a file it did not write; choose another folder")
+        need(not (folder / name).exists() or (folder / name).read_bytes() == text.encode(), f"{folder / name} exists "
+             f"with other content: the program never replaces a file it did not write; choose another folder")
     if all((folder / n).exists() for n in list(texts) + list(checkpoints)):
         print(f"{folder} is up to date")
         return
@@ -1288,13 +1276,13 @@ def load_checkpoint(path, kind: str = "lm", make: str | None = None, run: Path |
 
 
 # =====================================================================================================================
-# 18. Outputs, keys and resume points; signals; one process per run folder
+# 18. Outputs, keys and resume points; signals
 # =====================================================================================================================
 # Each phase writes one output with its *key*: everything that determines it (settings, seed, the fingerprints of
 # the data and of the checkpoints it read). The same key again: "up to date", the stored result; another key:
 # refused, since overwriting would change what later phases were computed from. While a phase trains,
 # NAME.resume.pt holds all the next step depends on (weights, optimizer, loop record, states, RNG), so a run
-# stopped by Ctrl-C, SIGTERM or SIGHUP continues exactly; the signal only sets a flag between two steps.
+# stopped by Ctrl-C or SIGTERM continues exactly; the signal only sets a flag between two steps.
 
 def normalised(obj):
     """As it reads back from JSON: a Loop as a dict, a tuple as a list, a path as a string."""
@@ -1425,21 +1413,6 @@ def on_signal(signum, frame) -> None:
               f"to stop at once)", file=sys.stderr, flush=True)
         return
     raise Stopped(signum, "stopped at once; every file written so far is intact")
-
-def lock(run: Path):
-    """One process per run folder: a second one refuses in one line (the lock dies with its process)."""
-    try:
-        import fcntl
-    except ImportError:                             # Windows: no lock
-        return None
-    run.mkdir(parents=True, exist_ok=True)
-    f = open(run / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise LmdiscError(f"{run} is in use by another lmdisc process; wait for it, or use another --run") from None
-    return f
-
 
 # =====================================================================================================================
 # 19. The command line: flags, the subcommands, the entry point
@@ -1603,11 +1576,8 @@ def add_views(new, seed) -> None:
 def main(argv=None) -> int:
     """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    previous = {s: signal.signal(s, on_signal) for s in signals}    # SIGTERM and SIGHUP act as Ctrl-C does
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}    # SIGTERM acts as Ctrl-C
     try:
-        held = lock(args.run or DEFAULT_RUNS / args.preset) if args.command in ("train", "train-disc", "finetune",
-                                                                                 "pipeline", "analyze") else None
         args.handler(args)
     except Stopped as e:
         print(f"interrupted: {e.args[1]}", file=sys.stderr)
