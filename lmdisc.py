@@ -319,8 +319,6 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
     # missing a word p produces (mass-covering); the reverse KL below punishes q for mass p does not have
     # (mode-seeking): together they pull q toward p from both sides.
     ce = F.nll_loss(log_q.flatten(0, -2), target.flatten())
-    if kl_weight == 0:
-        return ce, ce, torch.zeros_like(ce)
     # loss = CE + kl_weight * mean_c KL(q(.|c) || p_hat(.|c)): a KL per context, averaged over the data's contexts
     # (not the sequence-level KL(Q || P), whose contexts would be drawn from q). Why not the logit alone, E_q[-s]?
     # It has the same gradient at q = q0, but no finite minimiser: q would collapse onto the word of highest s.
@@ -603,14 +601,14 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
     torch.manual_seed(seed)                         # the same seed for both arms: the same dropout masks
     q = LSTMLM(**lm_ck["config"]).to(device)
     q.load_state_dict(lm_ck["model"])               # q = q0 at step 0; q0 stays beside it as p_hat's anchor
-    weight = kl_weight if arm == "kl" else 0.0
+    control = arm == "ce"                           # the one place that decides what the control is
     def batch_loss(x, y, hidden):
         q.train()                                   # the CE pass: dropout on, as in phase 1
         logits, hidden["q"] = q(x, detach(hidden["q"]))
         log_q = torch.log_softmax(logits, -1)       # (35, 20, V)
-        if weight == 0:                             # the control: CE alone
-            loss, ce, _ = finetune_loss(log_q, y, None, None, None, 0.0)
-            return loss, {"ce": ce}
+        if control:                                 # CE alone: the same loss as phase 1's
+            ce = F.nll_loss(log_q.flatten(0, -2), y.flatten())
+            return ce, {"ce": ce}
         with torch.no_grad():                       # frozen q0 and s: no graph, no dropout (`logits` is reused:
             logits, hidden["q0"] = q0(x, hidden["q0"])              # a (35, 20, V) tensor no longer needed is freed)
             log_q0 = torch.log_softmax(logits, -1)
@@ -618,10 +616,10 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
         with no_dropout(q):                         # the pass the KL term reads: the same weights, no dropout
             logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
-        loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, weight)
+        loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, kl_weight)
         return loss, {"ce": ce, "kl": kl}
     states = lambda b: {"q": q.init_hidden(b)} | ({"q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
-                                                  "disc": disc.init_hidden(b)} if weight else {})  # the control: q's
+                                                  "disc": disc.init_hidden(b)} if not control else {})
     loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, states,
                lambda: finetune_validate(q, q0, disc, valid), text, cfg, out, validate_first=True)
     result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],

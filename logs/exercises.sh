@@ -17,7 +17,7 @@ ex $L curves $R/finetune-lr-0.01/ce.pt $R/finetune-lr-0.01/kl.pt
 ex $L finetune --lr 1e-2 --kl-weight 0.3 --seed $S --run $R                                   # 6
 ex $L finetune --lr 1e-2 --kl-weight 3 --seed $S --run $R
 mkdir -p $R-trap && cp $R/lm.pt $R/disc.pt $R-trap/                                           # 7
-sed 's/finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, weight)/finetune_loss(log_q, y, log_q, log_q0, s, weight)/' lmdisc.py > trap-$T-$S.py
+sed 's/finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, kl_weight)/finetune_loss(log_q, y, log_q, log_q0, s, kl_weight)/' lmdisc.py > trap-$T-$S.py
 grep -c "finetune_loss(log_q, y, log_q, log_q0" trap-$T-$S.py
 ex python trap-$T-$S.py finetune --lr 1e-2 --seed $S --run $R-trap
 rm trap-$T-$S.py
