@@ -17,13 +17,13 @@ the LM overestimates and lowers them, above 0.5 perplexity gained, to below 54.0
 under dynamic evaluation, WikiText-2 and a large corpus too; v2 (January 2019), PTB 52.4 -> 52.1 (AWD-LSTM-DOC), rare
 words gaining probability. Its method section could not be retrieved (no copy of it was found).
 
-The file has three parts. The first (its settings, then sections 1-8) is the paper's method, top to bottom: what the paper
-specifies, and the loss forms this project derived where the method section is missing (section 4 says which).
-It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring and the
-s = 0 control, a discriminator too small to memorise, learning on half of valid, a corpus whose truth is known, the
-strongest CE-only baseline, rare words, views of the models and curves. The third (16-19) is plumbing a reader may skip. Left
-out: the paper's AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants whose answers
-logs/README.md records with the commit of their code.
+The file has three parts. The first (its settings, then sections 1-8) is the paper's method, top to bottom: what
+the paper specifies, and the loss forms this project derived where the method section is missing (section 4 says
+which). It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring
+and the s = 0 control, a discriminator too small to memorise, learning on half of valid, a corpus whose truth is
+known, the strongest CE-only baseline, rare words, views of the models and curves. The third (16-19) is plumbing a
+reader may skip. Left out: the paper's AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants
+whose answers logs/README.md records with the commit of their code.
 """
 
 from __future__ import annotations
@@ -1526,9 +1526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p["train"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over the training text "
                             "(default: tiny 1, small 14, medium 39)")
     p["train-disc"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over its text (default: 1)")
-    p["train-disc"].add_argument("--arch", choices=list(DISCRIMINATORS), help="lstm: its own LSTM reads the context "
-                                 "(the paper's; the default); temperature: 17 numbers that re-temper q0 (section 11); "
-                                 "constant: s = s0 everywhere, so p_hat = q0: the s = 0 control (section 10)")
+    p["train-disc"].add_argument("--arch", choices=list(DISCRIMINATORS), help="lstm: its own LSTM, the paper's; "
+                                 "temperature: 17 numbers re-temper q0 (§11); constant: p_hat = q0, the s = 0 control")
     p["train-disc"].add_argument("--split", choices=list(DISC_TEXTS), help="the text it learns on: train, the LM's own "
                                  "(the paper's; the default); valid-a / valid-b: one half of valid (section 12)")
     p["train-disc"].add_argument("--negatives", choices=["exact", "sample"], help="exact: every word weighted by q0 "
