@@ -561,14 +561,15 @@ def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
 # 8. Phase 3: fine-tuning with CE + reverse KL(q || p_hat), and the CE-only control
 # =====================================================================================================================
 # q starts as a copy of q0 and learns CE + kl_weight * KL(q || p_hat); q0 and s stay frozen, so p_hat is fixed:
-# the KL pulls q toward it while CE keeps q on the data. The control is the same fine-tune with kl_weight 0: same
+# the KL pulls q toward it while CE keeps q on the data. The control is the same fine-tune with CE alone: same
 # seed, batches, dropout masks, optimizer and steps, so the difference between the two arms is the method's
 # effect (more CE training alone also gains a little). Both validate before their first step: a fine-tune that
-# never helps hands back q0 itself.
+# never helps hands back q0 itself. (Is the effect p_hat's, or only staying near q0? Section 10's s = 0 control.)
 #
 # The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
 # runs with dropout: its q is noisier and flatter than q0, and KL read on it exceeds KL(q0 || p_hat) before q has
-# moved at all. So the KL term reads a second, dropout-free pass of the same weights (logs/README.md compares both).
+# moved at all. So the KL term reads a second, dropout-free pass of the same weights (logs/README.md compares both),
+# computed in training mode with every dropout at 0 (no_dropout), so that cuDNN can back-propagate through it.
 
 FINETUNE_REPORTS = []                             # more rows and lines beside the table, once both arms finished
 
