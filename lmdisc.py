@@ -670,7 +670,7 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
 # #####################################################################################################################
 # Everything here was added by this project to test the method; none of it is the paper's. Each piece plugs into
 # the tables of Part I (DISCRIMINATORS, DISC_TEXTS, DISC_DIAGNOSTICS, DISC_REPORTS, FINETUNE_REPORTS) or adds a
-# subcommand; no line of Part I names it. The measured answers are in README.md and logs/README.md.
+# subcommand; no code of Part I names it. The measured answers are in README.md and logs/README.md.
 
 # =====================================================================================================================
 # 10. What the discriminator adds: rescoring with p_hat itself, log Z, and the s = 0 control
@@ -699,7 +699,8 @@ class Rescored(nn.Module):
         s, h1 = self.disc(x, hidden[1])
         return torch.log_softmax(logits, -1) + s, (h0, h1)
 
-DISC_DIAGNOSTICS.append(rescoring)          # phase 3's table gets its row from section 14, which scores test with it
+DISC_DIAGNOSTICS.append(rescoring)          # phase 2's lines: calib, KL(q0||p_hat), ppl rescored (phase 3's table
+                                            # gets its rescored row from section 14, which scores test with Rescored)
 
 # The s = 0 control. With s = 0, CE + KL(q || p_hat) is CE + KL(q || q0): an anchor to the base model that holds
 # nothing the discriminator learned. If phase 3 gains as much with it, the gain comes from staying near q0, not from
