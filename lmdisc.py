@@ -489,6 +489,14 @@ DISCRIMINATORS = {"lstm": lambda size, q0, corpus: LSTMDiscriminator(q0.config["
 DISC_TEXTS = {"train": lambda c: (c.train, c.valid, "valid")}  # --split -> (learns on, validates on, its name)
 DISC_DIAGNOSTICS, DISC_REPORTS = [], []           # more numbers per position beside L_D; lines about a trained one
 
+def disc_line(m: dict) -> str:
+    """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
+    calls a real word real and a q0 word fake, then the other diagnostics (ce_X shown as its perplexity)."""
+    extra = [f"ppl {k[3:]} {perplexity(v):.2f}" if k.startswith("ce_") else f"{k} {v:+.4f}"
+             for k, v in m.items() if k not in ("L_D", "acc_real", "acc_q0", "step", "lr")]
+    return " | ".join([f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f})",
+                       f"acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f}"] + extra)
+
 @torch.no_grad()
 def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus) -> dict:
     """L_D and the two accuracies on a split (and the diagnostics of DISC_DIAGNOSTICS), means over positions."""
@@ -1417,14 +1425,6 @@ def on_signal(signum, frame) -> None:
 # =====================================================================================================================
 # 19. The command line: flags, the subcommands, the entry point
 # =====================================================================================================================
-
-def disc_line(m: dict) -> str:
-    """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
-    calls a real word real and a q0 word fake, then the other diagnostics (ce_X shown as its perplexity)."""
-    extra = [f"ppl {k[3:]} {perplexity(v):.2f}" if k.startswith("ce_") else f"{k} {v:+.4f}"
-             for k, v in m.items() if k not in ("L_D", "acc_real", "acc_q0", "step", "lr")]
-    return " | ".join([f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f})",
-                       f"acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f}"] + extra)
 
 def in_range(lo, hi, cast=float):
     """An argparse type that rejects a value outside [lo, hi] (or nan) before any work: a usage line, exit 2."""
