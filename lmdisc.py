@@ -507,7 +507,7 @@ def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus) -> dict
         real, fake = discriminator_accuracy(s, y, log_q0)
         values = {"L_D": discriminator_loss(s, y, log_q0) * y.numel(), "acc_real": real * y.numel(),
                   "acc_q0": fake * y.numel()}
-        for diagnostic in DISC_DIAGNOSTICS:
+        for diagnostic in DISC_DIAGNOSTICS:         # Part II: rescoring's numbers (10), the truth (13)
             values |= diagnostic(corpus, x, y, log_q0, s)                # each: {name: per-position values}
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v.double().sum())
@@ -547,7 +547,7 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
               "test": disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus),
               "kept_step": loop["best_step"]}     # the kept weights' numbers (test: once); Part III adds "history"
     print(f"train-disc | {valid_name} | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
-    for report in DISC_REPORTS:
+    for report in DISC_REPORTS:                     # Part II: what a temperature discriminator learned (11)
         result |= report(q0, disc, valid_data)
     # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
     out.save({"kind": "disc", "arch": arch, "size": size, "model": disc.state_dict(), "lm": lm_ck["fingerprint"],
@@ -661,7 +661,9 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
     result = {"valid_text": valid_name, "arms": arms, "kl_step_cost_vs_ce": cost, "eval_tokens": cfg.eval_tokens,
               "disc": os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}    # found again in a moved copy
     lines = [f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"]
-    for report in FINETUNE_REPORTS:                 # rows from Part II: rescoring, a tempered control
+    # Part II, not the paper's (section 14's against_baselines): fit a temperature to the control on validation,
+    # score four models on test, and bootstrap CE + KL against the best on validation, 1,000 resamplings
+    for report in FINETUNE_REPORTS:
         extra = report(q0, disc, models, valid_data, test, corpus, disc_ck)
         rows, lines, result = rows + extra.pop("rows"), lines + extra.pop("lines"), result | extra
     # printed only here, after both arms finished: an interrupted arm stops the command before this
