@@ -897,7 +897,8 @@ def test_cli_lists_exactly_its_subcommands():
 @pytest.mark.parametrize("argv", [["train", "--seed", "-1"], ["train", "--epochs", "1.5"], ["finetune", "--lr", "x"],
                                   ["finetune", "--lr", "0"], ["train", "--lr", "nan"], ["finetune", "--kl-weight", "-1"],
                                   ["generate", "--checkpoint", "x", "--temperature", "1e-300"],
-                                  ["train", "--device", "tpu"], ["train-disc", "--arch", "recency"]])
+                                  ["train", "--device", "tpu"], ["train-disc", "--arch", "recency"],
+                                  ["train", "--run", str(HERE / "README.md")], ["analyze", "--run", __file__]])
 def test_bad_flags_are_a_usage_line_before_any_work(argv, capsys):
     with pytest.raises(SystemExit) as e:
         L.main(argv)
