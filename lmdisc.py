@@ -1440,7 +1440,7 @@ def in_range(lo, hi, cast=float):
         return v
     return parse
 
-def folder(text: str) -> Path:
+def folder_flag(text: str) -> Path:
     """An argparse type for a folder flag: an existing file there is a usage line, exit 2, before any work."""
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; a folder is needed here")
@@ -1522,12 +1522,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, q in p.items():
         q.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of the "
                        "text; small: 2x200, for a CPU (about an hour); medium: 2x650, for a GPU (default: tiny)")
-        q.add_argument("--run", type=folder, help="the folder the phases of a run share (default: runs/PRESET)")
+        q.add_argument("--run", type=folder_flag, help="the folder the phases of a run share (default: runs/PRESET)")
         q.add_argument("--seed", type=seed, default=1111, help="seed of weights and dropout; the same seed gives the "
                        "same numbers on the same thread count (default: 1111)")
         q.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else Apple's MPS, else the CPU")
         if name in ("train", "pipeline"):
-            q.add_argument("--data", type=folder, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,test}.txt "
+            q.add_argument("--data", type=folder_flag, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,test}.txt "
                            "(default: ptb/, downloaded there on first use)")
         if name != "pipeline":
             q.add_argument("--lr", type=in_range(1e-8, 1e4), help=("SGD" if name == "train" else "Adam") +
@@ -1552,8 +1552,8 @@ def add_views(new, seed) -> None:
     """The subcommands of Part II and III: the views of a finished run, the synthetic corpus, the download."""
     q = new("analyze", lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"), "rare words: mean test "
             "log-probability per training-count bucket, for q0, p_hat and both arms")
-    q.add_argument("--run", type=folder, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
-    q.add_argument("--finetune", type=folder, help="a fine-tune folder in it (default: RUN/finetune)")
+    q.add_argument("--run", type=folder_flag, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
+    q.add_argument("--finetune", type=folder_flag, help="a fine-tune folder in it (default: RUN/finetune)")
     q = new("evaluate", cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's numbers")
     q.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint: lm.pt or a fine-tuned arm")
     q.add_argument("--disc", type=Path, help="a discriminator checkpoint of that LM")
@@ -1568,17 +1568,17 @@ def add_views(new, seed) -> None:
     q = new("top-words", lambda a: print(run_top_words(a.run, a.disc or a.run / "disc.pt", a.prompt, a.k)),
             "for one context: the top words of q0 and of p_hat, with s beside each")
     q.add_argument("--prompt", required=True, help="the context, in words of the vocabulary")
-    q.add_argument("--run", type=folder, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
+    q.add_argument("--run", type=folder_flag, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
     q.add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
     q.add_argument("--k", type=in_range(1, 100, int), default=10, help="how many words (default: 10)")
     q = new("curves", lambda a: print(run_curves(a.checkpoints)), "the training and validation curves of finished "
             "phases, as bars (and a PNG if matplotlib is installed)")
     q.add_argument("checkpoints", type=Path, nargs="+", help="LM or discriminator checkpoints, drawn on one scale")
     q = new("make-synthetic", lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model")
-    q.add_argument("--out", type=folder, default=HERE / "synthetic", help="the folder (default: synthetic/); then "
+    q.add_argument("--out", type=folder_flag, default=HERE / "synthetic", help="the folder (default: synthetic/); then "
                    "pass it to train as --data")
     q = new("download", lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums")
-    q.add_argument("--data", type=folder, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
+    q.add_argument("--data", type=folder_flag, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
 
 def main(argv=None) -> int:
     """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""
