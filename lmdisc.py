@@ -482,12 +482,12 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
 # and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), s for every word, and L_D with
 # the real next word against q0's exact expectation. Adam, not SGD: s starts at 0, and a rare word's b_w gets a
 # gradient only now and then; Adam's per-parameter step sizes let it move as far as the rest. The paper's
-# discriminator learns on the LM's own training text. The tables below hold what the phase can be given: Part II
-# adds a kind, texts and numbers to them (rescoring, log Z: the "calib" and "ppl" of the validation lines).
+# discriminator learns on the LM's own training text. The two tables below hold what the phase can be given: Part
+# II adds kinds and texts to them; its numbers beside L_D (rescoring, log Z: "calib" and "ppl") are named by the
+# command that runs the phase.
 
 DISCRIMINATORS = {"lstm": lambda size, q0, corpus: LSTMDiscriminator(q0.config["vocab_size"], **size)}  # --arch
 DISC_TEXTS = {"train": lambda c: (c.train, c.valid, "valid")}  # --split -> (learns on, validates on, its name)
-DISC_DIAGNOSTICS, DISC_REPORTS = [], []           # more numbers per position beside L_D; lines about a trained one
 
 def disc_line(m: dict) -> str:
     """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
@@ -498,8 +498,9 @@ def disc_line(m: dict) -> str:
                        f"acc real {m['acc_real']:.3f} q0 {m['acc_q0']:.3f}"] + extra)
 
 @torch.no_grad()
-def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus) -> dict:
-    """L_D and the two accuracies on a split (and the diagnostics of DISC_DIAGNOSTICS), means over positions."""
+def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus, diagnostics=()) -> dict:
+    """L_D and the two accuracies on a split, means over positions; beside them, any `diagnostics` the command
+    names (Part II's, each a function of (corpus, x, y, log q0, s) -> {name: per-position values})."""
     sums, n, h = {}, 0, disc.eval().init_hidden(source.size(1))
     for x, y, (logits,) in stream([q0], source):
         log_q0 = torch.log_softmax(logits, -1)
@@ -507,17 +508,17 @@ def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus) -> dict
         real, fake = discriminator_accuracy(s, y, log_q0)
         values = {"L_D": discriminator_loss(s, y, log_q0) * y.numel(), "acc_real": real * y.numel(),
                   "acc_q0": fake * y.numel()}
-        for diagnostic in DISC_DIAGNOSTICS:         # Part II: rescoring's numbers (10), the truth (13)
-            values |= diagnostic(corpus, x, y, log_q0, s)                # each: {name: per-position values}
+        for diagnostic in diagnostics:
+            values |= diagnostic(corpus, x, y, log_q0, s)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v.double().sum())
         n += y.numel()
     return {k: v / n for k, v in sums.items()}
 
 def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: str, size: dict, negatives: str,
-                   cfg: Loop, seed: int, device) -> dict:
-    """Phase 2: a discriminator of kind `arch` against the frozen q0, learning on the text DISC_TEXTS[split] names;
-    keep the lowest validation L_D in `path` (RUN/disc.pt for the preset's settings)."""
+                   cfg: Loop, seed: int, device, diagnostics=(), reports=()) -> dict:
+    """Phase 2: a discriminator of kind `arch` against the frozen q0, on the text DISC_TEXTS[split] names; the lowest
+    validation L_D kept in `path`. Part II's `diagnostics` (per validation) and `reports` come from the command."""
     out = Output(path, "disc", {"lm": lm_ck["fingerprint"], "arch": arch, "size": size, "split": split,
                                 "negatives": negatives, "loop": cfg, "seed": seed})
     if (done := out.done()) is not None:
@@ -536,7 +537,7 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
         l_d = discriminator_loss(s, y, log_q0, negatives)
         return l_d, {"L_D": l_d}
     def validate():                                 # the loss it minimises, on text it did not learn from
-        m = disc_metrics(q0, disc, valid_data, corpus)
+        m = disc_metrics(q0, disc, valid_data, corpus, diagnostics)
         return m["L_D"], m, disc_line(m)
     print(f"train-disc | {arch} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | learns on "
           f"{split} (at most {cfg.max_tokens or text.numel():,} of its {text.numel():,} tokens per epoch), validates "
@@ -544,10 +545,10 @@ def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: st
     loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
                lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
     result = {"valid_text": valid_name, "valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
-              "test": disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus),
+              "test": disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus, diagnostics),
               "kept_step": loop["best_step"]}     # the kept weights' numbers (test: once); Part III adds "history"
     print(f"train-disc | {valid_name} | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
-    for report in DISC_REPORTS:                     # Part II: what a temperature discriminator learned (11)
+    for report in reports:
         result |= report(q0, disc, valid_data)
     # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
     out.save({"kind": "disc", "arch": arch, "size": size, "model": disc.state_dict(), "lm": lm_ck["fingerprint"],
@@ -578,8 +579,6 @@ def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
 # runs with dropout: its q is noisier and flatter than q0, and KL read on it exceeds KL(q0 || p_hat) before q has
 # moved at all. So the KL term reads a second, dropout-free pass of the same weights (logs/README.md compares both),
 # computed in training mode with every dropout at 0 (no_dropout), so that cuDNN can back-propagate through it.
-
-FINETUNE_REPORTS = []                             # more rows and lines beside the table, once both arms finished
 
 @contextlib.contextmanager
 def no_dropout(model: LSTMLM):
@@ -637,8 +636,9 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
     return result
 
 def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text, valid, valid_name: str, cfg: Loop,
-                 kl_weight: float, seed: int, device) -> dict:
-    """Phase 3 and its control, learning on `text` and validating on `valid`, into `folder`; then the table."""
+                 kl_weight: float, seed: int, device, reports=()) -> dict:
+    """Phase 3 and its control, learning on `text` and validating on `valid`, into `folder`; then the table, with
+    the rows and lines of any `reports` the command names (Part II's, once both arms finished)."""
     key = {"lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"], "loop": cfg, "kl_weight": kl_weight,
            "seed": seed}
     out = Output(folder / "finetune.pt", "finetune", key)
@@ -661,9 +661,7 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
     result = {"valid_text": valid_name, "arms": arms, "kl_step_cost_vs_ce": cost, "eval_tokens": cfg.eval_tokens,
               "disc": os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}    # found again in a moved copy
     lines = [f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"]
-    # Part II, not the paper's (section 14's against_baselines): fit a temperature to the control on validation,
-    # score four models on test, and bootstrap CE + KL against the best on validation, 1,000 resamplings
-    for report in FINETUNE_REPORTS:
+    for report in reports:
         extra = report(q0, disc, models, valid_data, test, corpus, disc_ck)
         rows, lines, result = rows + extra.pop("rows"), lines + extra.pop("lines"), result | extra
     # printed only here, after both arms finished: an interrupted arm stops the command before this
@@ -678,9 +676,10 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
 # #####################################################################################################################
 #                                       PART II. BEYOND THE PAPER
 # #####################################################################################################################
-# Everything here was added by this project to test the method; none of it is the paper's. Each piece plugs into
-# the tables of Part I (DISCRIMINATORS, DISC_TEXTS, DISC_DIAGNOSTICS, DISC_REPORTS, FINETUNE_REPORTS) or adds a
-# subcommand; no code of Part I names it. The measured answers are in README.md and logs/README.md.
+# Everything here was added by this project to test the method; none of it is the paper's. A discriminator kind or
+# a text plugs into the two tables of Part I (DISCRIMINATORS, DISC_TEXTS); the rest is named where it runs, by the
+# commands of section 19 (the numbers beside each phase) or as a subcommand; no code of Part I names it. The
+# measured answers are in README.md and logs/README.md.
 
 # =====================================================================================================================
 # 10. What the discriminator adds: rescoring with p_hat itself, log Z, and the s = 0 control
@@ -709,8 +708,6 @@ class Rescored(nn.Module):
         s, h1 = self.disc(x, hidden[1])
         return torch.log_softmax(logits, -1) + s, (h0, h1)
 
-DISC_DIAGNOSTICS.append(rescoring)          # phase 2's lines: calib, KL(q0||p_hat), ppl rescored (phase 3's table
-                                            # gets its rescored row from section 14, which scores test with Rescored)
 
 # The s = 0 control. With s = 0, CE + KL(q || p_hat) is CE + KL(q || q0): an anchor to the base model that holds
 # nothing the discriminator learned. If phase 3 gains as much with it, the gain comes from staying near q0, not from
@@ -799,7 +796,6 @@ def temperature_report(q0, disc, valid) -> dict:
 
 DISCRIMINATORS["temperature"] = lambda size, q0, corpus: TemperatureDiscriminator(q0, count_classes(
     corpus.train, len(corpus.vocab)))
-DISC_REPORTS.append(temperature_report)
 
 
 # =====================================================================================================================
@@ -863,7 +859,6 @@ def truth(corpus, x, y, log_q0, s) -> dict:
     return {"true KL(q0||p)": (log_q0.exp() * (log_q0 - log_p)).sum(-1),
             "MSE(s)": (0.5 * (log_p.exp() + log_q0.exp()) * (s - (log_p - log_q0)) ** 2).sum(-1)}
 
-DISC_DIAGNOSTICS.append(truth)
 
 
 # =====================================================================================================================
@@ -965,7 +960,6 @@ def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
         f"{100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), 95% interval {100 * boot['low']:+.2f}% .. "
         f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)"]}
 
-FINETUNE_REPORTS.append(against_baselines)
 
 
 # =====================================================================================================================
@@ -1038,7 +1032,7 @@ def cmd_evaluate(args) -> None:
     for name, text in ((f"learned on ({disc_ck['split']})", learned[:valid.numel()]), (valid_name, valid),
                        ("test", corpus.test)):
         print(f"evaluate | {name}, {text.numel():,} tokens | "
-              f"{disc_line(disc_metrics(model, disc, eval_data(text, device), corpus))}")
+              f"{disc_line(disc_metrics(model, disc, eval_data(text, device), corpus, (rescoring, truth)))}")
 
 def prompt_ids(ck: dict, prompt: str) -> torch.Tensor:
     words = prompt.split() if prompt is not None else [EOS]        # no prompt: the start of a sentence
@@ -1479,9 +1473,11 @@ def cmd_train_disc(args) -> None:
     corpus = prepare_corpus(lm_ck["data"], lm_ck)
     s, name = variant("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm",
                       split="train", negatives="exact")
+    # beside phase 2, Part II (not the paper's): p_hat as an LM, log Z and KL(q0 || p_hat) on each validation (section
+    # 10), the truth on a synthetic corpus (13), and what a temperature discriminator learned (11)
     run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p["disc"], s["negatives"],
                    dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"]), args.seed,
-                   pick_device(args.device))
+                   pick_device(args.device), diagnostics=(rescoring, truth), reports=(temperature_report,))
 
 def cmd_finetune(args) -> None:
     """Phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
@@ -1494,8 +1490,11 @@ def cmd_finetune(args) -> None:
     corpus = prepare_corpus(lm_ck["data"], lm_ck)
     _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text the discriminator learned on
     s, name = variant("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"], disc=run / "disc.pt")
+    # beside phase 3, Part II (not the paper's, section 14): a temperature fitted to the control on validation, four
+    # models scored on test, and a paired bootstrap of CE + KL against the best on validation, 1,000 draws
     run_finetune(run / name, lm_ck, disc_ck, corpus, corpus.train, valid, valid_name,
-                 dataclasses.replace(p["finetune"], lr=s["lr"]), s["kl_weight"], args.seed, pick_device(args.device))
+                 dataclasses.replace(p["finetune"], lr=s["lr"]), s["kl_weight"], args.seed, pick_device(args.device),
+                 reports=(against_baselines,))
 
 def cmd_pipeline(args) -> None:
     """The three phases with the preset's settings, then the rare-word table: the same functions as by hand."""
@@ -1527,8 +1526,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "same numbers on the same thread count (default: 1111)")
         q.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else Apple's MPS, else the CPU")
         if name in ("train", "pipeline"):
-            q.add_argument("--data", type=folder_flag, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,test}.txt "
-                           "(default: ptb/, downloaded there on first use)")
+            q.add_argument("--data", type=folder_flag, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,"
+                           "test}.txt (default: ptb/, downloaded there on first use)")
         if name != "pipeline":
             q.add_argument("--lr", type=in_range(1e-8, 1e4), help=("SGD" if name == "train" else "Adam") +
                            " learning rate (default: the preset's: " + ", ".join(f"{k} {v[name.replace('-', '_')].lr:g}"
