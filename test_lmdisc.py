@@ -469,17 +469,14 @@ def cudnn_rule(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The three phases with the `tiny` preset, by their subcommands, on a small synthetic corpus (a few seconds),
-    under cuDNN's rule: every phase must also run on an NVIDIA GPU."""
+    """`pipeline` with the `tiny` preset (train, train-disc, finetune, analyze) on a small synthetic corpus (a few
+    seconds), under cuDNN's rule: every phase must also run on an NVIDIA GPU."""
     root = tmp_path_factory.mktemp("synthetic")
     L.make_synthetic(root / "data", n_words=50, tokens=(30_000, 6_000, 6_000))
     r = root / "run"
     with pytest.MonkeyPatch.context() as mp:
         cudnn_rule(mp)
-        assert run_cli("train", "--data", root / "data", "--run", r) == 0
-        assert run_cli("train-disc", "--run", r) == 0
-        assert run_cli("finetune", "--run", r) == 0
-        L.run_analyze(r, r / "finetune")
+        assert run_cli("pipeline", "--data", root / "data", "--run", r) == 0
     return r
 
 
