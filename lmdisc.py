@@ -1244,7 +1244,8 @@ def write_new_files(folder: Path, texts: dict, checkpoints: dict) -> None:
 
 def unreadable(path: Path, error: Exception) -> str:
     """What a file torch.load(weights_only=True) refused is, in words (torch.save writes a zip archive)."""
-    head = path.read_bytes()[:4]
+    with open(path, "rb") as f:
+        head = f.read(4)
     if not zipfile.is_zipfile(path):
         return "is empty" if not head else "is truncated or damaged" if head == b"PK\x03\x04" else \
             "is not a checkpoint (torch.save writes a zip archive; this file is not one)"
@@ -1473,8 +1474,8 @@ def cmd_train_disc(args) -> None:
     corpus = prepare_corpus(lm_ck["data"], lm_ck)
     s, name = variant("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm",
                       split="train", negatives="exact")
-    # beside phase 2, Part II (not the paper's): p_hat as an LM, log Z and KL(q0 || p_hat) on each validation (section
-    # 10), the truth on a synthetic corpus (13), and what a temperature discriminator learned (11)
+    # beside phase 2, Part II (not the paper's): p_hat as an LM, log Z and KL(q0 || p_hat) on each validation
+    # (section 10), the truth on a synthetic corpus (13), and what a temperature discriminator learned (11)
     run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p["disc"], s["negatives"],
                    dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"]), args.seed,
                    pick_device(args.device), diagnostics=(rescoring, truth), reports=(temperature_report,))
