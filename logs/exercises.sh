@@ -4,7 +4,8 @@
 # Run from the repository root. Exercise 7 edits one line of a copy of lmdisc.py (the dropout trap).
 set -u
 S=$1; T=${OMP_NUM_THREADS:?set OMP_NUM_THREADS}; R=runs/ex-$T-$S
-ex() { echo; echo "=== $*"; "$@"; echo "=== rc $?"; }
+ex() { echo; echo "=== $*"; local t0=$(date +%s.%N); "$@"; local rc=$?
+       echo "=== rc $rc | $(python -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s"; }
 L="python lmdisc.py"
 ex $L pipeline --seed $S --run $R
 ex $L evaluate --checkpoint $R/lm.pt --disc $R/disc.pt                                        # 1
