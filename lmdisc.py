@@ -662,7 +662,7 @@ def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text,
               "disc": os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}    # found again in a moved copy
     lines = [f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"]
     for report in reports:
-        extra = report(q0, disc, models, valid_data, test, corpus, disc_ck)
+        extra = report(q0, disc, models, arms, valid_data, test, corpus, disc_ck)
         rows, lines, result = rows + extra.pop("rows"), lines + extra.pop("lines"), result | extra
     # printed only here, after both arms finished: an interrupted arm stops the command before this
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
@@ -940,7 +940,7 @@ def test_log_probs(models: list, test: torch.Tensor):
         pos += y.numel()
     return targets, logps
 
-def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
+def against_baselines(q0, disc, models, arms, valid, test, corpus, disc_ck) -> dict:
     """The control tempered on validation text, and CE + KL on test against the baseline best on validation."""
     beta = fit_temperature(models["ce"], valid)
     cands = {"CE-only control": models["ce"], f"CE-only control, temperature {1 / beta:.3f} fitted on validation":
@@ -948,7 +948,9 @@ def against_baselines(q0, disc, models, valid, test, corpus, disc_ck) -> dict:
     targets, logps = test_log_probs(list(cands.values()), test)
     ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(cands, logps)}
     # the best baseline is chosen on validation, as any setting is; test only reports
-    valid_ppl = {name: perplexity(lm_cross_entropy(cands[name], valid)) for name in list(cands)[:3]}
+    # (the control's is its arm's, measured when it was kept)
+    valid_ppl = {"CE-only control": arms["ce"]["valid_ppl"]} | {name: perplexity(lm_cross_entropy(cands[name], valid))
+                                                                for name in list(cands)[1:3]}
     best = min(valid_ppl, key=valid_ppl.get)
     boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)],
                             sentence_of_targets(test, corpus.vocab.index(EOS)))
