@@ -960,8 +960,8 @@ def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
         print(f"data | {folder} lacks {', '.join(missing)}: downloading")
         download_ptb(folder)
     need(default or not missing, f"{folder} lacks {', '.join(missing)}: a --data folder holds ptb.train.txt, "
-         f"ptb.valid.txt and ptb.test.txt of its own text (`python lmdisc.py make-synthetic --out {folder}` writes "
-         f"a corpus; `python lmdisc.py download --data {folder}` fetches Penn Treebank)")
+         f"ptb.valid.txt and ptb.test.txt of one text (`python lmdisc.py download --data NEW_FOLDER` fetches Penn "
+         f"Treebank, `python lmdisc.py make-synthetic --out NEW_FOLDER` writes a corpus)")
     data = {f"ptb.{s}.txt": (folder / f"ptb.{s}.txt").read_bytes() for s in SPLITS}  # read once, as bytes
     ptb = all(sha256(d) == PTB_SHA256[n] for n, d in data.items())  # byte for byte Penn Treebank?
     need(ptb or not default, f"{folder} holds files that fail their sha256 check: changed or damaged (move them "

@@ -1,20 +1,13 @@
 """Tests for lmdisc.py. Run: python -m pytest -q   (one estimator function: python -m pytest -q -k reverse_kl)
 
-The estimator tests come first: each checks a function of section 4 against an independent float64 computation
-(a closed-form KL of small categoricals, a hand-derived gradient), the best check a student can find for the
-method. Then the models, the phases end to end on a synthetic corpus made on the fly (no download), and the
-behaviour a user relies on: one line for every error, no file replaced that the program did not write, resume
-after Ctrl-C or SIGTERM. Tests that need the real Penn Treebank look in ptb/ and ../shared/ptb and skip, saying
-so, if neither has it.
+The estimator tests come first: each checks a function of section 4 against an independent float64 computation (a
+closed-form KL of small categoricals, a hand-derived gradient). Then the data and models, the baselines, the phases
+end to end on a synthetic corpus made on the fly, and the contract a user relies on (one line for every error, no
+file replaced that the program did not write, resume after Ctrl-C or SIGTERM). A test that needs Penn Treebank looks
+in ptb/ and ../shared/ptb and skips, saying so, if neither has it.
 """
 
-import argparse
-import json
-import math
-import os
-import signal
-import subprocess
-import sys
+import argparse, json, math, os, signal, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +20,6 @@ HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)
 L.PTB_URL = (HERE / "no-such-mirror").as_uri() + "/"   # no test reaches the network, even by mistake
 
-
 def find_ptb() -> Path | None:
     for d in (HERE / "ptb", HERE.parent / "shared" / "ptb"):
         if all((d / f"ptb.{s}.txt").exists() for s in L.SPLITS):
@@ -38,10 +30,8 @@ def find_ptb() -> Path | None:
 needs_ptb = pytest.mark.skipif(find_ptb() is None, reason="Penn Treebank not found in ptb/ or ../shared/ptb "
                                                           "(run `python lmdisc.py download`)")
 
-
 def random_log_probs(*shape, generator=None):
     return torch.log_softmax(torch.randn(*shape, dtype=torch.float64, generator=generator) * 2, -1)
-
 
 # ------------------------------------------------------------------------------------- the estimator -------------
 
@@ -61,7 +51,6 @@ def test_reverse_kl_equals_closed_form_with_the_exact_ratio():
     torch.testing.assert_close(L.reverse_kl(log_q, log_q0, s), (log_q.exp() * (log_q - p_hat.log())).sum(-1),
                                rtol=0, atol=1e-12)
 
-
 def test_ratio_calibration_zero_only_for_exact_ratio():
     g = torch.Generator().manual_seed(1)
     log_p, log_q0 = random_log_probs(4, 6, generator=g), random_log_probs(4, 6, generator=g)
@@ -72,25 +61,21 @@ def test_ratio_calibration_zero_only_for_exact_ratio():
     perturbed = s + 0.5 * torch.randn(s.shape, dtype=torch.float64, generator=g)
     assert L.ratio_calibration(log_q0, perturbed).abs().min() > 1e-3
 
-
 def test_discriminator_loss_at_zero_logits_is_chance():
     g = torch.Generator().manual_seed(2)
     log_q0 = random_log_probs(3, 5, generator=g)
     s = torch.zeros(3, 5, dtype=torch.float64)
     assert abs(L.discriminator_loss(s, torch.tensor([0, 1, 2]), log_q0).item() - L.CHANCE_L_D) < 1e-12
 
-
 def expected_disc_loss(s, log_p, log_q0):
     """E_{w_real ~ p}[L_D] computed independently: sum_w p log sig(s) and q0 log sig(-s)."""
     return -(log_p.exp() * F.logsigmoid(s) + log_q0.exp() * F.logsigmoid(-s)).sum(-1).mean()
-
 
 def expected_loss_via_discriminator_loss(s, log_p, log_q0):
     """E_{w_real ~ p}[L_D], through discriminator_loss itself: every possible real word, weighted by p(w|c)."""
     n_ctx, V = log_p.shape
     return sum(log_p[c, w].exp() * L.discriminator_loss(s[c:c + 1], torch.tensor([w]), log_q0[c:c + 1])
                for c in range(n_ctx) for w in range(V)) / n_ctx
-
 
 def test_discriminator_loss_minimiser_is_the_log_ratio():
     """Minimising the expected loss over a free table of logits (one row per context) lands on log p - log q0.
@@ -110,7 +95,6 @@ def test_discriminator_loss_minimiser_is_the_log_ratio():
     opt.step(closure)
     torch.testing.assert_close(s.detach(), log_p - log_q0, rtol=0, atol=1e-6)
 
-
 def test_discriminator_loss_matches_independent_expectation():
     """discriminator_loss averaged over every possible real word (weighted by p) equals the closed form."""
     g = torch.Generator().manual_seed(4)
@@ -118,7 +102,6 @@ def test_discriminator_loss_matches_independent_expectation():
     s = torch.randn(3, 6, dtype=torch.float64, generator=g)
     torch.testing.assert_close(expected_loss_via_discriminator_loss(s, log_p, log_q0),
                                expected_disc_loss(s, log_p, log_q0), rtol=0, atol=1e-12)
-
 
 def train_table(log_p, log_q0, steps, lr, seed, batch=64):
     """SGD on a free table of logits with real words sampled from p, through discriminator_loss itself."""
@@ -134,7 +117,6 @@ def train_table(log_p, log_q0, steps, lr, seed, batch=64):
         opt.step()
     return s.detach()
 
-
 def test_tabular_discriminator_recovers_true_reverse_kl():
     """Finite samples of p (2000 per context) -> a tabular discriminator -> KL(q0 || p_hat) near KL(q0 || p)."""
     g = torch.Generator().manual_seed(6)
@@ -144,7 +126,6 @@ def test_tabular_discriminator_recovers_true_reverse_kl():
     est = L.reverse_kl(log_q0, log_q0, s)
     assert true_kl.min() > 0.2                               # the test is not about tiny numbers
     assert ((est - true_kl).abs() / true_kl).max() < 0.15    # stated tolerance: 15% relative per context
-
 
 def test_log_p_hat_and_reverse_kl_ignore_a_constant_added_to_s_and_log_z_moves_by_it():
     """p_hat = q0 exp(s) / Z: a context-wide constant in s cancels in p_hat and shows up, exactly, in log Z."""
@@ -156,7 +137,6 @@ def test_log_p_hat_and_reverse_kl_ignore_a_constant_added_to_s_and_log_z_moves_b
                                shift.squeeze(-1), rtol=0, atol=1e-12)
     torch.testing.assert_close(L.reverse_kl(log_q0, log_q0, s + shift), L.reverse_kl(log_q0, log_q0, s),
                                rtol=0, atol=1e-12)
-
 
 def test_reverse_kl_gradient_at_q_equal_q0_is_q0_times_mean_s_minus_s():
     """Section 4's comment: at q = q0, d KL(q || p_hat) / d z_k = q0_k (E_q0[s] - s_k), z the logits of q."""
@@ -170,7 +150,6 @@ def test_reverse_kl_gradient_at_q_equal_q0_is_q0_times_mean_s_minus_s():
     # a descent step raises q0 exactly where s is above its q0-mean: the words q0 under-estimates
     assert torch.equal(z.grad < 0, s > mean_s)
 
-
 def test_reverse_kl_gradient_matches_formula():
     g = torch.Generator().manual_seed(7)
     z = torch.randn(4, 9, dtype=torch.float64, generator=g, requires_grad=True)
@@ -182,7 +161,6 @@ def test_reverse_kl_gradient_matches_formula():
     analytic = log_q.exp() * (log_q - lp - kl.detach().unsqueeze(-1))    # q_k (log q_k - log p_hat_k - KL)
     torch.testing.assert_close(z.grad, analytic, rtol=0, atol=1e-12)
 
-
 def test_finetune_loss_is_ce_plus_weighted_estimator():
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(3, 2, 6, dtype=torch.float64, generator=g)
@@ -190,14 +168,10 @@ def test_finetune_loss_is_ce_plus_weighted_estimator():
     log_q0, s = random_log_probs(3, 2, 6, generator=g), torch.randn(3, 2, 6, dtype=torch.float64, generator=g)
     ce = -torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).mean()
     log_q = torch.log_softmax(logits, -1)
-    loss0, ce0, _ = L.finetune_loss(log_q, y, log_q, log_q0, s, 0.0)
-    torch.testing.assert_close(loss0, ce)
-    torch.testing.assert_close(ce0, ce)
-    loss, _, kl = L.finetune_loss(log_q, y, log_q, log_q0, s, 0.7)
+    loss, ce_, kl = L.finetune_loss(log_q, y, log_q, log_q0, s, 0.7)
     expected_kl = L.reverse_kl(torch.log_softmax(logits, -1), log_q0, s).mean()
-    torch.testing.assert_close(kl, expected_kl)
-    torch.testing.assert_close(loss, ce + 0.7 * expected_kl)
-
+    for got, want in ((ce_, ce), (kl, expected_kl), (loss, ce + 0.7 * expected_kl)):
+        torch.testing.assert_close(got, want)
 
 def test_kl_term_moves_q_toward_p():
     g = torch.Generator().manual_seed(9)
@@ -207,13 +181,10 @@ def test_kl_term_moves_q_toward_p():
     kl_true = lambda: (torch.log_softmax(z, -1).exp() * (torch.log_softmax(z, -1) - log_p)).sum(-1)
     before = kl_true().detach()
     for _ in range(50):
-        loss = L.reverse_kl(torch.log_softmax(z, -1), log_q0, log_p - log_q0).mean()
         opt.zero_grad()
-        loss.backward()
+        L.reverse_kl(torch.log_softmax(z, -1), log_q0, log_p - log_q0).mean().backward()
         opt.step()
-    after = kl_true().detach()
-    assert (after < 0.5 * before).all()
-
+    assert (kl_true() < 0.5 * before).all()
 
 # ------------------------------------------------------------------------------------------------- data ----------
 
@@ -223,78 +194,57 @@ def write_splits(d: Path, train: str, valid: str, test: str) -> Path:
         (d / f"ptb.{split}.txt").write_text(text)
     return d
 
-
 def test_batchify_and_get_batch_layout():
     data = torch.arange(26)                       # 26 ids, 4 columns of 6; the last 2 ids do not fit
     b = L.batchify(data, 4)
-    assert b.shape == (6, 4)
-    assert b[:, 0].tolist() == [0, 1, 2, 3, 4, 5]          # each column is contiguous text
-    assert b[0].tolist() == [0, 6, 12, 18]
-    x, y = L.get_batch(b, 0, 2)
-    assert x.tolist() == [[0, 6, 12, 18], [1, 7, 13, 19]]
-    assert y.tolist() == [[1, 7, 13, 19], [2, 8, 14, 20]]  # targets: one row below
+    assert b.shape == (6, 4) and b[:, 0].tolist() == [0, 1, 2, 3, 4, 5] and b[0].tolist() == [0, 6, 12, 18]
+    x, y = L.get_batch(b, 0, 2)                    # each column is contiguous text; targets: one row below
+    assert x.tolist() == [[0, 6, 12, 18], [1, 7, 13, 19]] and y.tolist() == [[1, 7, 13, 19], [2, 8, 14, 20]]
     x, y = L.get_batch(b, 4, 2)                    # the last batch is shorter: only row 5 is left as a target
     assert x.tolist() == [[4, 10, 16, 22]] and y.tolist() == [[5, 11, 17, 23]]
 
-
-def test_vocab_eos_and_unk(tmp_path):
-    c = L.load_corpus(write_splits(tmp_path, "a b <unk>\nb c\n", "a z\n", "c\n"))
+def test_vocab_eos_and_unk_and_an_unknown_word_without_unk(tmp_path):
+    c = L.load_corpus(write_splits(tmp_path / "a", "a b <unk>\nb c\n", "a z\n", "c\n"))
     assert c.vocab == ["a", "b", "<unk>", "<eos>", "c"]     # order of first appearance; <eos> ends each line
-    assert c.valid.tolist() == [0, 2, 3]                     # z is not a training word: <unk>
-    assert c.test.tolist() == [4, 3]
-
-
-def test_unknown_word_without_unk_names_word_file_and_line(tmp_path):
-    with pytest.raises(L.LmdiscError, match=r"ptb.test.txt:2: word 'q'"):
-        L.load_corpus(write_splits(tmp_path, "a b\n", "a\n", "a\nb q\n"))
-
+    assert c.valid.tolist() == [0, 2, 3] and c.test.tolist() == [4, 3]   # z is not a training word: <unk>
+    with pytest.raises(L.LmdiscError, match=r"ptb.test.txt:2: word 'q'"):  # and without <unk>: where it is
+        L.load_corpus(write_splits(tmp_path / "b", "a b\n", "a\n", "a\nb q\n"))
 
 @needs_ptb
 def test_real_ptb_statistics():
     c = L.load_corpus(find_ptb())
-    assert len(c.vocab) == 10_000
-    assert (c.train.numel(), c.valid.numel(), c.test.numel()) == (929_589, 73_760, 82_430)
-
+    assert (len(c.vocab), c.train.numel(), c.valid.numel(), c.test.numel()) == (10_000, 929_589, 73_760, 82_430)
 
 # ---------------------------------------------------------------------------------------------- models ----------
 
 def test_tied_weights_are_one_tensor():
-    m = L.LSTMLM(50, 16, 16, 2, 0.0)
-    assert m.decoder.weight is m.encoder.weight
-    assert sum(p.numel() for p in m.parameters()) == 50 * 16 + 50 + 2 * 4 * 16 * (16 + 16 + 2)
-
+    m, n = L.LSTMLM(50, 16, 16, 2, 0.0), 50 * 16 + 50 + 2 * 4 * 16 * (16 + 16 + 2)   # E, d, two LSTM layers
+    assert m.decoder.weight is m.encoder.weight and sum(p.numel() for p in m.parameters()) == n
 
 def test_a_few_hundred_steps_lower_the_loss():
     torch.manual_seed(0)
     m = L.LSTMLM(10, 16, 16, 1, 0.0)
     data = L.batchify(torch.arange(2000) % 10, 4)          # 0 1 2 ... 9 0 1 ...: each word predicts the next
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    losses = []
+    opt, losses = torch.optim.Adam(m.parameters(), lr=1e-2), []
     for step in range(200):
         x, y = L.get_batch(data, (step * 10) % (data.size(0) - 11), 10)
-        loss = F.cross_entropy(m(x, m.init_hidden(4))[0].flatten(0, 1), y.flatten())
+        losses.append(F.cross_entropy(m(x, m.init_hidden(4))[0].flatten(0, 1), y.flatten()))
         opt.zero_grad()
-        loss.backward()
+        losses[-1].backward()
         opt.step()
-        losses.append(loss.item())
     assert losses[0] > 1.5 and sum(losses[-20:]) / 20 < 0.2
-
 
 # ------------------------------------------------------------------ the strongest baseline (section 11) ------
 
 class TableLM(torch.nn.Module):
     """A bigram "LM" with fixed logits: q(.|c) = softmax(table[previous word])."""
-
     def __init__(self, table):
         super().__init__()
         self.table = table
-
     def init_hidden(self, bsz):
         return ()
-
     def forward(self, x, hidden):
         return self.table[x], hidden
-
 
 def test_temperature_moments_are_the_derivatives_of_the_nll():
     g = torch.Generator().manual_seed(3)
@@ -307,7 +257,6 @@ def test_temperature_moments_are_the_derivatives_of_the_nll():
     for a, b in zip(L.temperature_moments(log_q, y, 0.8), (nll(beta), d1, d2)):
         assert float(a) == pytest.approx(b.item(), rel=1e-9)
 
-
 def test_temperature_scaling_recovers_a_known_temperature():
     """Text drawn from q^0.6 (normalised) of a fixed bigram model q: fitting beta on it must find 0.6."""
     g = torch.Generator().manual_seed(5)
@@ -319,7 +268,6 @@ def test_temperature_scaling_recovers_a_known_temperature():
         words.append(min(int(torch.searchsorted(true[words[-1]].cumsum(0), torch.tensor(u))), V - 1))
     assert L.fit_temperature(TableLM(table), L.batchify(torch.tensor(words), 10)) == pytest.approx(0.6, abs=0.02)
 
-
 def test_sentences_of_targets_follow_the_stream_order():
     tokens = torch.tensor([3, 4, 0, 5, 0, 6, 7, 8, 0, 9, 0, 2, 2, 0, 1, 0, 4, 4, 0, 0, 5, 6])
     source = L.batchify(tokens, 3)
@@ -330,7 +278,6 @@ def test_sentences_of_targets_follow_the_stream_order():
     assert L.sentence_of_targets(source, 0).tolist() == want
     targets, _ = L.test_log_probs([TableLM(torch.zeros(10, 10))], source)
     assert targets.tolist() == [int(source[r, j]) for r in range(1, rows) for j in range(3)]
-
 
 def test_paired_bootstrap_is_exact_for_a_constant_gap_and_zero_for_a_model_against_itself():
     g = torch.Generator().manual_seed(2)
@@ -344,12 +291,10 @@ def test_paired_bootstrap_is_exact_for_a_constant_gap_and_zero_for_a_model_again
     noisy = L.paired_bootstrap(nll + 0.1 * torch.randn(500, generator=g, dtype=torch.float64), nll, sentence)
     assert noisy["low"] < noisy["change"] < noisy["high"] and noisy["sentences"] == 72
 
-
 # ------------------------------------------------------------------------- end to end on a synthetic corpus ------
 
 def run_cli(*argv) -> int:
     return L.main([str(a) for a in argv])
-
 
 def cudnn_rule(monkeypatch):
     """cuDNN's rule on the CPU: an LSTM run in eval mode while it builds a graph cannot be back-propagated on a GPU
@@ -362,7 +307,6 @@ def cudnn_rule(monkeypatch):
         return out
     monkeypatch.setattr(torch.nn.LSTM, "forward", checked)
 
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """`pipeline` with the `tiny` preset (train, train-disc, finetune, analyze) on a small synthetic corpus (a few
@@ -374,14 +318,12 @@ def run(tmp_path_factory):
         assert run_cli("pipeline", "--data", root / "data", "--run", root / "run") == 0
     return root / "run"
 
-
 def loaded(run):
     """q0, the discriminator and the corpus of a run, as phase 3 loads them."""
     lm_ck = L.load_checkpoint(run / "lm.pt")
     corpus = L.prepare_corpus(lm_ck["data"], of=lm_ck)
     return lm_ck, corpus, L.load_lm(lm_ck, corpus, "cpu"), L.load_disc(L.load_checkpoint(run / "disc.pt", "disc"),
                                                                        lm_ck, corpus, "cpu")
-
 
 def test_the_emulated_cudnn_rule_refuses_a_graph_through_an_lstm_in_eval_mode(monkeypatch):
     lstm = torch.nn.LSTM(3, 3)
@@ -391,7 +333,6 @@ def test_the_emulated_cudnn_rule_refuses_a_graph_through_an_lstm_in_eval_mode(mo
         lstm.eval()(torch.randn(2, 1, 3))                     # no graph: allowed
     with pytest.raises(RuntimeError, match="training mode"):
         lstm.eval()(torch.randn(2, 1, 3))
-
 
 def test_the_kl_pass_is_the_eval_mode_model_computed_in_training_mode():
     """no_dropout gives eval mode's numbers bit for bit, draws no random number, and restores every dropout."""
@@ -404,7 +345,6 @@ def test_the_kl_pass_is_the_eval_mode_model_computed_in_training_mode():
     assert got.requires_grad and torch.equal(got, want) and torch.equal(torch.get_rng_state(), rng)
     assert q.training and q.drop.p == 0.5 and q.rnn.dropout == 0.5
 
-
 def test_finetune_prints_three_models_and_analyze_the_baselines_and_rare_words(run, capsys):
     table = json.loads((run / "finetune" / "finetune.json").read_text())["table"]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "ppl" not in line]
@@ -416,7 +356,6 @@ def test_finetune_prints_three_models_and_analyze_the_baselines_and_rare_words(r
     assert csv[0].startswith("bucket,tokens,logp_base,logp_rescored,logp_control,logp_kl,delta_rescored")
     assert sum(int(r.split(",")[1]) for r in csv[1:]) == L.eval_data(loaded(run)[1].test, "cpu", 20_000)[1:].numel()
 
-
 def test_phase_2_estimates_the_true_kl_on_the_synthetic_corpus(run, capsys):
     _, corpus, q0, disc = loaded(run)
     m = L.disc_metrics(q0, disc, L.eval_data(corpus.valid, "cpu"), corpus, (L.rescoring, L.truth))
@@ -427,7 +366,6 @@ def test_phase_2_estimates_the_true_kl_on_the_synthetic_corpus(run, capsys):
     out = capsys.readouterr().out
     assert "evaluate | valid, 6," in out and "learned on (train)" in out and "true KL(q0||p)" in out
 
-
 def test_the_learned_on_view_scores_exactly_the_tokens_an_epoch_reads():
     text, loop = torch.arange(10_000), L.Loop(lr=1.0, max_tokens=1_400, bptt=35, batch_size=20)
     data = L.batchify(text, loop.batch_size)
@@ -436,7 +374,6 @@ def test_the_learned_on_view_scores_exactly_the_tokens_an_epoch_reads():
     assert set(learned.tolist()) == set(read.flatten().tolist()) and learned.numel() == 71 * 20
     assert learned[:71].tolist() == list(range(71))            # column 0's first 71 rows: the text's first 71 ids
     assert torch.equal(L.learned_text(text, L.dataclasses.asdict(L.Loop(lr=1.0))), text)
-
 
 def test_both_arms_see_identical_batches_and_dropout_masks(run, tmp_path, monkeypatch):
     """The KL arm's own code path (its extra passes of q, q0 and s) with the KL term multiplied by 0 must end bit for
@@ -455,7 +392,6 @@ def test_both_arms_see_identical_batches_and_dropout_masks(run, tmp_path, monkey
     assert all(torch.equal(a[k], b[k]) for k in a) and ce["valid_ppl"] == kl0["valid_ppl"]
     assert ce["best_step"] == kl0["best_step"] > 0 and ce["base_valid_ppl"] == kl0["base_valid_ppl"]
 
-
 def test_the_kl_read_on_a_pass_with_dropout_exceeds_the_dropout_free_pass(run):
     """The dropout trap, measured at step 0 (q = q0): the same weights read with dropout are further from p_hat."""
     lm_ck, corpus, q0, disc = loaded(run)
@@ -469,14 +405,12 @@ def test_the_kl_read_on_a_pass_with_dropout_exceeds_the_dropout_free_pass(run):
         on_eval, on_dropout = kl(q.eval()), kl(q.train())
     assert on_dropout > on_eval * 1.05 and on_eval > 0
 
-
 def test_the_s0_control_is_p_hat_equal_to_q0(run, capsys):
     assert run_cli("train-disc", "--run", run, "--arch", "constant") == 0
     assert run_cli("finetune", "--run", run, "--disc", run / "disc-arch-constant.pt") == 0
     kl = json.loads((run / "finetune-disc-arch-constant" / "kl.json").read_text())
     assert abs(kl["history"][0]["valid_kl"]) < 1e-6            # at step 0, q = q0 = p_hat: KL(q || p_hat) = 0
     assert "CE + 1 KL" in capsys.readouterr().out
-
 
 def test_a_finished_step_is_up_to_date_and_other_settings_get_their_own_files(run, capsys):
     before = (run / "disc.pt").stat().st_mtime_ns
@@ -496,7 +430,6 @@ def test_a_finished_step_is_up_to_date_and_other_settings_get_their_own_files(ru
     assert names(lr=1.000001e-4, disc=None) != names(lr=1e-4, disc=None)
     assert names(lr=1e-2, disc=run / "disc-arch-constant.pt") == "finetune-lr-0.01-disc-arch-constant"
 
-
 def test_other_lms_and_other_folders_discriminators(run, tmp_path, capsys):
     import shutil
     other = tmp_path / "other"
@@ -509,7 +442,6 @@ def test_other_lms_and_other_folders_discriminators(run, tmp_path, capsys):
     fingerprint = L.load_checkpoint(run / "disc.pt", "disc")["fingerprint"]
     assert (other / f"finetune-disc-{fingerprint[:8]}" / "finetune.pt").exists()
 
-
 def test_a_moved_project_still_finds_its_data_and_its_discriminator(run, tmp_path, capsys):
     import shutil
     shutil.copytree(run.parent, tmp_path / "first")            # the run folder and the data folder beside it
@@ -518,7 +450,6 @@ def test_a_moved_project_still_finds_its_data_and_its_discriminator(run, tmp_pat
     assert L.load_checkpoint(moved / "lm.pt")["data"] == (tmp_path / "moved" / "data").resolve()
     (moved / "finetune" / "finetune.json").write_text("{ not json")   # the program reads the checkpoint, never this
     assert run_cli("analyze", "--run", moved) == 0 and "rare words" in capsys.readouterr().out
-
 
 def test_data_changed_after_phase_1_is_refused_in_one_line(run, tmp_path, capsys):
     import shutil
@@ -531,15 +462,12 @@ def test_data_changed_after_phase_1_is_refused_in_one_line(run, tmp_path, capsys
         err = capsys.readouterr().err
         assert "has changed since" in err and err.count("\n") == 1, (argv, err)
 
-
 # ---------------------------------------------------------------- interrupts, resume, divergence -------------
 
 TINY_DATA = dict(n_words=30, tokens=(6_000, 1_000, 1_000))
 
-
 def train_args(data, r, *more):
     return ["train", "--data", str(data), "--run", str(r), *map(str, more)]
-
 
 def ask_to_stop_at(m, step, phase=None):
     """Ctrl-C as the progress line of `step` (of `phase`) is printed: the loop must stop after that step."""
@@ -548,7 +476,6 @@ def ask_to_stop_at(m, step, phase=None):
         progress(name, loop, *a)
         L.Output.asked = signal.SIGINT if loop["step"] == step and phase in (None, name) else L.Output.asked
     m.setattr(L, "progress", ask)
-
 
 @pytest.mark.parametrize("where", ["mid-epoch", "during validation"])
 def test_interrupted_then_resumed_train_ends_with_the_same_weights(tmp_path, monkeypatch, capsys, where):
@@ -577,7 +504,6 @@ def test_interrupted_then_resumed_train_ends_with_the_same_weights(tmp_path, mon
     assert a["result"] == b["result"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert not (tmp_path / "b" / "lm.resume.pt").exists()
 
-
 def test_an_interrupted_arm_prints_no_comparison_and_the_rerun_completes_it(run, capsys, monkeypatch):
     with monkeypatch.context() as m:
         ask_to_stop_at(m, 5, "finetune[kl]")       # Ctrl-C during the KL arm, the second of the two
@@ -586,7 +512,6 @@ def test_an_interrupted_arm_prints_no_comparison_and_the_rerun_completes_it(run,
     assert run_cli("finetune", "--run", run, "--kl-weight", 2) == 0
     out = capsys.readouterr().out
     assert "ce.pt is up to date" in out and "resuming from" in out and "| model |" in out
-
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_sigterm_acts_as_ctrl_c_and_a_kill_at_any_moment_damages_nothing(tmp_path, sig):
@@ -611,7 +536,6 @@ def test_sigterm_acts_as_ctrl_c_and_a_kill_at_any_moment_damages_nothing(tmp_pat
     result = lambda r: L.load_checkpoint(tmp_path / r / "lm.pt")["result"]
     assert result("r") == result("w")
 
-
 def test_a_diverged_training_keeps_nothing_and_a_lower_lr_then_runs(tmp_path, capsys):
     L.make_synthetic(tmp_path / "data", **TINY_DATA)
     assert L.main(train_args(tmp_path / "data", tmp_path / "r", "--lr", "1e4")) == 1
@@ -619,7 +543,6 @@ def test_a_diverged_training_keeps_nothing_and_a_lower_lr_then_runs(tmp_path, ca
     assert "training diverged, nothing was kept; try a lower --lr" in err and err.count("\n") == 1
     assert not any((tmp_path / "r").glob("lm*.pt"))
     assert L.main(train_args(tmp_path / "data", tmp_path / "r", "--lr", "20")) == 0
-
 
 def test_a_second_signal_while_stopping_changes_nothing():
     L.Output.asked, L.Output.training_now = None, False
@@ -630,19 +553,15 @@ def test_a_second_signal_while_stopping_changes_nothing():
     finally:
         L.Output.asked = None
 
-
 # ------------------------------------------------------------------------ files and one-line errors ----------
 
 class RunsCode:
     def __reduce__(self):                                      # unpickling would call os.system("true")
         return os.system, ("true",)
 
-
 def test_checkpoints_load_weights_only_and_bad_ones_are_one_line_errors(tmp_path, capsys):
-    d = write_splits(tmp_path / "d", "a b c\nb c a\n", "a b c a b\n" * 9, "c a b\n" * 9)
-    corpus = L.load_corpus(d)
-    L.Output(tmp_path / "m.pt", "lm", {"seed": 1}).save(L.lm_checkpoint(L.LSTMLM(4, 8, 8, 1, 0.0), corpus, {}))
-    path = tmp_path / "m.pt"
+    corpus = L.load_corpus(d := write_splits(tmp_path / "d", "a b c\nb c a\n", "a b c a b\n" * 9, "c a b\n" * 9))
+    L.Output(path := tmp_path / "m.pt", "lm", {}).save(L.lm_checkpoint(L.LSTMLM(4, 8, 8, 1, 0), corpus, {}))
     assert torch.load(path, weights_only=True)["kind"] == "lm"                 # no code of ours needed to read it
     assert L.load_checkpoint(path)["data"] == d.resolve()
     data = bytearray(path.read_bytes())
@@ -668,7 +587,6 @@ def test_checkpoints_load_weights_only_and_bad_ones_are_one_line_errors(tmp_path
         # torch's own advice is the one action that would run the code: never repeated
         assert not any(w in err for w in ("weights_only", "safe_globals", "file an issue")), (name, err)
 
-
 def test_a_failed_write_leaves_no_temporary_file_and_concurrent_writers_do_not_collide(tmp_path, monkeypatch):
     import threading
     with monkeypatch.context() as m:
@@ -678,56 +596,44 @@ def test_a_failed_write_leaves_no_temporary_file_and_concurrent_writers_do_not_c
     assert list(tmp_path.iterdir()) == []
     threads = [threading.Thread(target=lambda k: [L.atomic_write(tmp_path / "x.json", json.dumps([k, i]))
                                                   for i in range(200)], args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    [t.start() for t in threads] and [t.join() for t in threads]
     assert json.loads((tmp_path / "x.json").read_text())[1] == 199 and len(list(tmp_path.iterdir())) == 1
-
 
 def test_cli_lists_exactly_its_subcommands():
     sub = next(a for a in L.build_parser()._actions if a.dest == "command")
     assert list(sub.choices) == ["train", "train-disc", "finetune", "pipeline", "analyze", "evaluate",
                                  "make-synthetic", "download"]
 
-
-ABSENT = [d for d, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
-          if not there]
-
-
+ABSENT = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not ok]
 @pytest.mark.parametrize("argv", [["train", "--seed", "-1"], ["train", "--epochs", "1.5"], ["finetune", "--lr", "x"],
-                                  ["finetune", "--lr", "0"], ["train", "--lr", "nan"], ["finetune", "--kl-weight", "-1"],
-                                  ["train", "--device", "tpu"], ["train-disc", "--arch", "x"]] +
+                                  ["finetune", "--lr", "0"], ["train", "--lr", "nan"], ["train", "--device", "tpu"],
+                                  ["finetune", "--kl-weight", "-2"], ["train-disc", "--arch", "x"]] +
                          [["evaluate", "--checkpoint", "x", "--device", d] for d in ABSENT])
 def test_bad_flags_are_a_usage_line_before_any_work(argv, capsys):
     with pytest.raises(SystemExit) as e:
         L.main(argv)
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
-
 def test_the_card_command_with_nothing_trained_says_what_to_run(tmp_path, capsys):
     assert L.main(["finetune", "--lr", "1e-4", "--run", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'r' / 'lm.pt'} does not exist yet: run `python lmdisc.py "
                                        f"train --run {tmp_path / 'r'}` first\n")
-
 
 def test_data_problems_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "bin").mkdir()
     for s in L.SPLITS:
         (tmp_path / "bin" / f"ptb.{s}.txt").write_bytes(b"\xff\xfe\x00")
     write_splits(tmp_path / "empty", "", "a\n", "a\n")
-    cases = {"nowhere": "lacks ptb.train.txt", "bin": "is not UTF-8 text", "empty": "ptb.train.txt is empty"}
+    cases = {"bin": "is not UTF-8 text", "empty": "ptb.train.txt is empty", "nowhere": "lacks ptb.train.txt"}
     for folder, message in cases.items():
         assert L.main(train_args(tmp_path / folder, tmp_path / "r")) == 1
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1
-
+        assert message in (err := capsys.readouterr().err) and err.count("\n") == 1
+    assert "download --data NEW_FOLDER" in err                  # never advice to fetch PTB beside a user's text
 
 def test_a_users_own_files_are_never_replaced(tmp_path, capsys, monkeypatch):
     mine = write_splits(tmp_path / "mine", "my own text\n", "x\n", "x\n")
     assert L.main(["make-synthetic", "--out", str(mine)]) == 1
-    err = capsys.readouterr().err
-    assert "exists with other content" in err and err.count("\n") == 1
+    assert "exists with other content" in capsys.readouterr().err
     assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == 0
     assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == 0      # the same corpus again: no change
     src = write_splits(tmp_path / "mirror", "a b\n", "a\n", "b\n")           # download: from a local "mirror"
