@@ -940,6 +940,9 @@ sha256 = lambda data: hashlib.sha256(data).hexdigest()
 
 def download_ptb(dest: Path, base_url: str = PTB_URL) -> None:
     """Fetch the files of PTB that `dest` lacks (never over a file), each checked before it gets its name."""
+    foreign = [n for n, d in PTB_SHA256.items() if (dest / n).exists() and sha256((dest / n).read_bytes()) != d]
+    need(not foreign, f"{dest} holds {', '.join(foreign)} that are not Penn Treebank's (sha256 differs): the "
+                      f"program never replaces a file it did not write; move them away or choose another --data")
     for name in [n for n in PTB_SHA256 if not (dest / n).exists()]:  # never over a file
         try:
             with urllib.request.urlopen(base_url + name, timeout=30) as response:

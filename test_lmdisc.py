@@ -599,11 +599,6 @@ def test_a_failed_write_leaves_no_temporary_file_and_concurrent_writers_do_not_c
     [t.start() for t in threads] and [t.join() for t in threads]
     assert json.loads((tmp_path / "x.json").read_text())[1] == 199 and len(list(tmp_path.iterdir())) == 1
 
-def test_cli_lists_exactly_its_subcommands():
-    sub = next(a for a in L.build_parser()._actions if a.dest == "command")
-    assert list(sub.choices) == ["train", "train-disc", "finetune", "pipeline", "analyze", "evaluate",
-                                 "make-synthetic", "download"]
-
 ABSENT = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not ok]
 @pytest.mark.parametrize("argv", [["train", "--seed", "-1"], ["train", "--epochs", "1.5"], ["finetune", "--lr", "x"],
                                   ["finetune", "--lr", "0"], ["train", "--lr", "nan"], ["train", "--device", "tpu"],
@@ -618,6 +613,9 @@ def test_the_card_command_with_nothing_trained_says_what_to_run(tmp_path, capsys
     assert L.main(["finetune", "--lr", "1e-4", "--run", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'r' / 'lm.pt'} does not exist yet: run `python lmdisc.py "
                                        f"train --run {tmp_path / 'r'}` first\n")
+    sub = next(a for a in L.build_parser()._actions if a.dest == "command")       # and the subcommands are these
+    assert list(sub.choices) == ["train", "train-disc", "finetune", "pipeline", "analyze", "evaluate",
+                                 "make-synthetic", "download"]
 
 def test_data_problems_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "bin").mkdir()
@@ -632,19 +630,21 @@ def test_data_problems_are_one_line_errors(tmp_path, capsys):
 
 def test_a_users_own_files_are_never_replaced(tmp_path, capsys, monkeypatch):
     mine = write_splits(tmp_path / "mine", "my own text\n", "x\n", "x\n")
-    assert L.main(["make-synthetic", "--out", str(mine)]) == 1
-    assert "exists with other content" in capsys.readouterr().err
-    assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == 0
-    assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == 0      # the same corpus again: no change
+    assert L.main(["make-synthetic", "--out", str(mine)]) == 1 and "other content" in capsys.readouterr().err
+    assert L.main(["make-synthetic", "--out", str(tmp_path / "s")]) == L.main(["make-synthetic", "--out",
+                                                                               str(tmp_path / "s")]) == 0  # same again
     src = write_splits(tmp_path / "mirror", "a b\n", "a\n", "b\n")           # download: from a local "mirror"
     sums = {f"ptb.{s}.txt": L.sha256((src / f"ptb.{s}.txt").read_bytes()) for s in L.SPLITS}
     monkeypatch.setattr(L, "PTB_SHA256", dict(sums, **{"ptb.test.txt": "0" * 64}))
-    (mine / "ptb.test.txt").unlink()
+    with pytest.raises(L.LmdiscError, match="are not Penn Treebank's"):     # said, not silently skipped
+        L.download_ptb(mine, base_url=src.as_uri() + "/")
+    assert (mine / "ptb.train.txt").read_text() == "my own text\n"
+    [(mine / f"ptb.{s}.txt").unlink() for s in L.SPLITS]
     with pytest.raises(L.LmdiscError, match="sha256 does not match"):
         L.download_ptb(mine, base_url=src.as_uri() + "/")
-    assert (mine / "ptb.train.txt").read_text() == "my own text\n" and not (mine / "ptb.test.txt").exists()
+    assert not (mine / "ptb.test.txt").exists()                               # checked before it gets its name
     monkeypatch.setattr(L, "PTB_SHA256", sums)
     L.download_ptb(mine, base_url=src.as_uri() + "/")
-    assert (mine / "ptb.train.txt").read_text() == "my own text\n" and (mine / "ptb.test.txt").read_text() == "b\n"
+    assert (mine / "ptb.test.txt").read_text() == "b\n"
     with pytest.raises(L.LmdiscError, match="Without internet, copy"):
         L.download_ptb(tmp_path / "new", base_url=(tmp_path / "nowhere").as_uri() + "/")
