@@ -1226,5 +1226,7 @@ def main(argv=None) -> int:
         Output.asked = None
     return 0
 
-if __name__ == "__main__":
+if __name__ == "__main__":                          # main restores these when it ends: a signal that arrives while
+    for s in (signal.SIGINT, signal.SIGTERM):       # Python shuts down (torch's exit handlers run then) is ignored,
+        signal.signal(s, signal.SIG_IGN)            # not a KeyboardInterrupt traceback after "interrupted: ..."
     sys.exit(main())
