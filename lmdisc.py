@@ -51,8 +51,8 @@ def need(condition, message: str) -> None:          # the one way this file stop
 # #####################################################################################################################
 
 # ==== 0. Settings: how each phase runs, and the presets, as plain data (the header of nanoGPT's train.py) ============
-# `--preset NAME` picks one; a flag changes one value. lm: phase 1's LSTM (section 2); disc: the paper's LSTM
-# discriminator (section 3); then each phase's Loop, which `fit` (section 5) runs.
+# `--preset NAME` picks one; a flag changes one value. lm: phase 1's LSTM (section 2); disc: the LSTM discriminator
+# (section 3); then each phase's Loop, which `fit` (section 5) runs.
 
 @dataclass(frozen=True)
 class Loop:
@@ -198,7 +198,7 @@ class LSTMLM(nn.Module):
 # the logit *is* the log density ratio, all that phase 3 needs. A sigmoid per word, not a softmax: each word gets
 # a yes/no question ("real, or a draw from q0?"). The head is a V x nhid matrix like the LM's decoder, so s for all
 # 10,000 words is one matrix product, and the loss weighs every word by q0 instead of sampling a few (section 4).
-# The paper's discriminator reads the context with a recurrent network of its own: here an LSTM like the LM's.
+# It reads the context with a network of its own, here an LSTM like the LM's (the paper's could not be retrieved).
 
 class LSTMDiscriminator(nn.Module):
     """s(c, w) = head(h_c)_w + b_w: h_c the state of its own LSTM after reading c, b_w one number per word.
@@ -219,7 +219,7 @@ class LSTMDiscriminator(nn.Module):
         return self.bias.new_zeros(shape), self.bias.new_zeros(shape)
 
     def forward(self, x: torch.Tensor, hidden):
-        """x: (t, b) ids -> s: (t, b, V), reading q0's words with its own embedding and LSTM: it sees what q0 misses."""
+        """x: (t, b) ids of the text -> s: (t, b, V), read with its own embedding and LSTM: it sees what q0 misses."""
         out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
         return self.head(self.drop(out)) + self.bias, hidden  # s: (t, b, V)
 
@@ -297,12 +297,13 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
 
 # ==== 5. One training loop for all three phases ======================================================================
 # Every phase trains something on batches of a BPTT stream; only the loss differs. So each phase hands the loop its
-# batch_loss(x, y, hidden) and its validate(), and the loop does what pytorch/examples' main.py does: batches,
-# backward, clip, step, a progress line now and then; validate at each epoch's end (and every eval_every steps), keep
-# the weights of the best validation (early stopping in its simplest form), divide the lr by 4 when a validation
-# brings no gain. `out` (section 16) is the phase's output file, the loop's one link to the plumbing: out.resume()
-# returns the record of an interrupted run, out.keep() writes a resume point after every validation, and inside
-# out.training() Ctrl-C or SIGTERM only asks the loop to stop between two steps (out.stop_if_asked()).
+# batch_loss(x, y, hidden) (it writes the new states into `hidden`, which new_hidden() fills at each epoch's start)
+# and its validate(), and the loop does what pytorch/examples' main.py does: batches, backward, clip, step, a progress
+# line now and then; validate at each epoch's end (and every eval_every steps), keep the weights of the best
+# validation (early stopping in its simplest form), divide the lr by 4 when a validation brings no gain. `out`
+# (section 16) is the phase's output file, the loop's one link to the plumbing: out.resume() returns the record of
+# an interrupted run, out.keep() writes a resume point after every validation, and inside out.training() Ctrl-C or
+# SIGTERM only asks the loop to stop between two steps (out.stop_if_asked()).
 
 def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cfg: Loop, out,
         validate_first: bool = False) -> dict:
@@ -381,8 +382,8 @@ def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: L
 
 @torch.no_grad()
 def stream(models: list, source: torch.Tensor, bptt: int = 35):
-    """Run models side by side over a batchified split in eval mode (no dropout), each carrying its own state;
-    yield (x, y, [each model's output]). Every evaluation in this file reads its numbers from this one stream."""
+    """Run models side by side over a batchified split in eval mode, each with its own state: (x, y, [outputs]).
+    Every evaluation in this file reads its numbers from this one stream."""
     hidden = [m.eval().init_hidden(source.size(1)) for m in models]  # one state per model
     for i in range(0, source.size(0) - 1, bptt):
         x, y = get_batch(source, i, bptt)
@@ -421,15 +422,16 @@ def lm_validate(model: LSTMLM, valid: torch.Tensor):
 
 def cmd_train(args) -> None:
     """Phase 1: train q0 on the training text with CE and SGD, validate on valid; keep the best weights in RUN/lm.pt."""
-    corpus, p = prepare_corpus(args.data), PRESETS[args.preset]
-    cfg = dataclasses.replace(p["train"], lr=args.lr or p["train"].lr, epochs=args.epochs or p["train"].epochs)
+    corpus, preset = prepare_corpus(args.data), PRESETS[args.preset]
+    cfg = dataclasses.replace(preset["train"], lr=args.lr or preset["train"].lr,   # a flag, or the preset's value
+                              epochs=args.epochs or preset["train"].epochs)
     # the output and its key, all that determines it: done() if lm.pt exists with this key, refused with another
-    out = Output(args.run / "lm.pt", "lm", dict(p["lm"], **dataclasses.asdict(cfg), seed=args.seed,
+    out = Output(args.run / "lm.pt", "lm", dict(preset["lm"], **dataclasses.asdict(cfg), seed=args.seed,
                                                  data=corpus.fingerprint))
     if out.done():
         return
     torch.manual_seed(args.seed)                    # same seed, same thread count: the same numbers on the CPU
-    model = LSTMLM(len(corpus.vocab), **p["lm"]).to(args.device)  # random weights, drawn from the seed
+    model = LSTMLM(len(corpus.vocab), **preset["lm"]).to(args.device)  # random weights, drawn from the seed
     # plain SGD at lr 20 with the gradient's norm clipped to 0.25: the classic recipe for LSTM LMs on PTB
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
@@ -439,7 +441,7 @@ def cmd_train(args) -> None:
         logits, hidden["lm"] = model(x, detach(hidden["lm"]))          # (35, 20, V)
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())        # against the next words y (35, 20)
         return ce, {"ce": ce}
-    print(f"train | LSTM {p['lm']} | {sum(p.numel() for p in model.parameters()):,} parameters | seed {args.seed}")
+    print(f"train | LSTM {preset['lm']} | {sum(w.numel() for w in model.parameters()):,} parameters | seed {args.seed}")
     loop = fit("train", model, optimizer, batch_loss, lambda b: {"lm": model.init_hidden(b)},
                lambda: lm_validate(model, valid), train_data, cfg, out)
     result = {"valid_ppl": perplexity(loop["best"]), "test_ppl": perplexity(lm_cross_entropy(model, test)),
@@ -448,8 +450,7 @@ def cmd_train(args) -> None:
     print(f"train | done: valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f} | {out.path}")
 
 def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
-    """A checkpoint is a small dict: the constructor's arguments, the weights, the vocabulary, the data it learned
-    on, the result. Saving adds the key and the loop's record; loading adds "path" and "fingerprint" (section 15)."""
+    """A checkpoint is a small dict: constructor arguments, weights, vocabulary, data, result (section 15 adds more)."""
     return {"kind": "lm", "config": model.config, "model": model.state_dict(), "vocab": corpus.vocab,
             "data": corpus.path, "data_sha256": corpus.fingerprint, "result": result}
 
@@ -463,9 +464,10 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
 # ==== 7. Phase 2: the discriminator, against the frozen q0 ===========================================================
 # q0 is frozen in eval mode: the dropout-free model is the distribution the discriminator compares the data with,
 # and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), s for every word, and L_D with
-# the real next word against q0's exact expectation. Adam, not SGD: s starts at 0, and a rare word's b_w gets a
-# gradient only now and then; Adam's per-parameter step sizes let it move as far as the rest. As in the paper, the
-# discriminator learns on the LM's own training text, and validates on valid.
+# the real next word against q0's exact expectation. Adam, not SGD: s starts at 0, and a rare word's b_w gets only
+# small gradients (q0 gives it little weight, and it is seldom the real word); Adam's per-parameter step sizes let it
+# move as far as the rest. It learns on the LM's own training text (this project's reading of the abstracts: "the
+# paper's route") and validates on valid.
 
 def disc_line(m: dict) -> str:
     """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
@@ -495,17 +497,18 @@ def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus, diagnos
 
 def cmd_train_disc(args) -> None:
     """Phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
-    p, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
+    preset, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
     corpus = prepare_corpus(lm_ck["data"], of=lm_ck)            # refused if the text changed since phase 1
-    s, name = Output.named("disc", args, lm_ck, lr=p["train_disc"].lr, epochs=p["train_disc"].epochs, arch="lstm")
-    cfg = dataclasses.replace(p["train_disc"], lr=s["lr"], epochs=s["epochs"])  # the preset's Loop, flags applied
-    out = Output(args.run / f"{name}.pt", "disc", dict(p["disc"], **dataclasses.asdict(cfg), arch=s["arch"],
+    v, name = Output.named("disc", args, lm_ck, lr=preset["train_disc"].lr, epochs=preset["train_disc"].epochs,
+                           arch="lstm")           # each setting: its flag's value, or the preset's
+    cfg = dataclasses.replace(preset["train_disc"], lr=v["lr"], epochs=v["epochs"])  # the preset's Loop, flags applied
+    out = Output(args.run / f"{name}.pt", "disc", dict(preset["disc"], **dataclasses.asdict(cfg), arch=v["arch"],
                                                         lm=lm_ck["fingerprint"], seed=args.seed))
     if out.done():
         return
     torch.manual_seed(args.seed)
     q0 = load_lm(lm_ck, corpus, args.device)       # frozen: phase 2 only reads its predictions
-    disc = DISCRIMINATORS[s["arch"]](len(corpus.vocab), p["disc"]).to(args.device)  # at s = 0, chance
+    disc = DISCRIMINATORS[v["arch"]](len(corpus.vocab), preset["disc"]).to(args.device)  # at s = 0, chance
     train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
     valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
     def batch_loss(x, y, hidden):
@@ -519,7 +522,7 @@ def cmd_train_disc(args) -> None:
     def validate():                                 # the loss it minimises, on text it did not learn from
         m = disc_metrics(q0, disc, valid, corpus)
         return m["L_D"], m, disc_line(m)
-    print(f"train-disc | {s['arch']} discriminator, {sum(p.numel() for p in disc.parameters()):,} parameters | "
+    print(f"train-disc | {v['arch']} discriminator, {sum(w.numel() for w in disc.parameters()):,} parameters | "
           f"learns on at most {cfg.max_tokens or corpus.train.numel():,} tokens of train per epoch | seed {args.seed}")
     loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
                lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
@@ -527,7 +530,7 @@ def cmd_train_disc(args) -> None:
               "test": disc_metrics(q0, disc, test, corpus), "kept_step": loop["best_step"]}
     print(f"train-disc | valid | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
     # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
-    out.save({"kind": "disc", "arch": s["arch"], "size": p["disc"], "model": disc.state_dict(),
+    out.save({"kind": "disc", "arch": v["arch"], "size": preset["disc"], "model": disc.state_dict(),
               "lm": lm_ck["fingerprint"], "result": result})
     print(f"train-disc | done: {out.path}")
 
@@ -549,15 +552,14 @@ def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
 #
 # The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
 # runs with dropout: its q is noisier and flatter than q0, and KL read on it exceeds KL(q0 || p_hat) before q has
-# moved at all. So the KL term reads a second, dropout-free pass of the same weights (logs/README.md compares both),
-# computed in training mode with every dropout at 0 (no_dropout), so that cuDNN can back-propagate through it.
+# moved at all. So the KL term reads a second, dropout-free pass of the same weights (no_dropout; logs/README.md
+# compares both).
 
 @contextlib.contextmanager
 def no_dropout(model: LSTMLM):
-    """The dropout-free model with a graph to back-propagate through. Not eval mode: cuDNN refuses the backward of
-    an LSTM run in eval mode ("cudnn RNN backward can only be called in training mode"), so the model stays in
-    training mode with every dropout at 0 (its own and nn.LSTM's between layers): the numbers eval mode gives,
-    and no random draw, so both arms keep the same dropout masks. (Turning cuDNN off instead would slow the GPU.)"""
+    """The dropout-free model with a graph to back-propagate through. Not eval mode: cuDNN refuses the backward of an
+    LSTM run in eval mode, so the model stays in training mode with every dropout at 0 (its own and nn.LSTM's): eval
+    mode's numbers, and no random draw, so both arms keep the same masks. (cuDNN off would slow the GPU.)"""
     saved = model.drop.p, model.rnn.dropout         # restored afterwards
     model.drop.p = model.rnn.dropout = 0.0
     try:
@@ -567,19 +569,20 @@ def no_dropout(model: LSTMLM):
 
 def cmd_finetune(args) -> None:
     """Phase 3 and its control into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
-    p, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
+    preset, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
     disc_ck = load_checkpoint(args.disc or args.run / "disc.pt", "disc", make=None if args.disc else
                               "python lmdisc.py train-disc")
-    if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's: named by its fingerprint
-        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})
-    s, name = Output.named("finetune", args, lm_ck, lr=p["finetune"].lr, kl_weight=p["kl_weight"],
+    if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's: the output folder is named by
+        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})  # its print
+    # each setting: its flag's value, or the preset's (--lr 1e-4 is tiny's); the folder: "finetune" or a variant
+    v, name = Output.named("finetune", args, lm_ck, lr=preset["finetune"].lr, kl_weight=preset["kl_weight"],
                            disc=args.run / "disc.pt")
-    cfg, folder = dataclasses.replace(p["finetune"], lr=s["lr"]), args.run / name  # RUN/finetune or a variant
-    key = dict(dataclasses.asdict(cfg), kl_weight=s["kl_weight"], lm=lm_ck["fingerprint"],
+    cfg, folder = dataclasses.replace(preset["finetune"], lr=v["lr"]), args.run / name  # RUN/finetune or a variant
+    key = dict(dataclasses.asdict(cfg), kl_weight=v["kl_weight"], lm=lm_ck["fingerprint"],
                disc=disc_ck["fingerprint"], seed=args.seed)
     out = Output(folder / "finetune.pt", "finetune", key)
     if done := out.done():
-        print(done["result"]["table"])              # the card's command after `pipeline`: the stored table
+        print(done["result"]["table"])              # `finetune --lr 1e-4` after `pipeline`: the stored table
         return
     corpus = prepare_corpus(lm_ck["data"], of=lm_ck)
     q0 = load_lm(lm_ck, corpus, args.device)
@@ -587,11 +590,11 @@ def cmd_finetune(args) -> None:
     train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
     valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
     arms = {arm: finetune_arm(arm, Output(folder / f"{arm}.pt", "lm", key | {"arm": arm}), lm_ck, corpus, q0, disc,
-                              train_data, valid, test, cfg, s["kl_weight"], args) for arm in ("ce", "kl")}
+                              train_data, valid, test, cfg, v["kl_weight"], args) for arm in ("ce", "kl")}
     # the table, only here, after both arms finished: an interrupted arm stops the command before this
     rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), "")] + [
         (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
-        (("ce", "CE-only control"), ("kl", f"CE + {s['kl_weight']:g} KL(q || p_hat) (phase 3)"))]
+        (("ce", "CE-only control"), ("kl", f"CE + {v['kl_weight']:g} KL(q || p_hat) (phase 3)"))]
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
     table = "\n".join(["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
                       +
@@ -1077,7 +1080,8 @@ class Output:
                                     f"afresh, or run that command again to finish it")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])  # Adam's moments, SGD's lr
-        torch.set_rng_state(ck["rng"])              # the next dropout masks as before
+        torch.set_rng_state(ck["rng"])              # the next dropout masks as before (CPU and CUDA; on Apple's
+        torch.cuda.set_rng_state_all(ck["cuda_rng"]) if ck["cuda_rng"] else None   # MPS they differ after a resume)
         device = next(model.parameters()).device    # the states go where the model is
         ck["loop"]["hidden"] = {k: tuple(t.to(device) for t in h) for k, h in ck["loop"]["hidden"].items()}
         print(f"{self.path.name} | resuming from {self.partial} at step {ck['loop']['step']}")
@@ -1086,9 +1090,11 @@ class Output:
     def keep(self, model, optimizer, loop: dict) -> None:
         """The resume point: everything the next step depends on, the RNG state that draws its dropout masks too."""
         self.loop = loop                            # save() adds its record to the result
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        hidden = {k: list(h) for k, h in loop.get("hidden", {}).items()}              # tuples load as lists
         save_checkpoint(self.partial, {"kind": "resume", "key": self.key, "model": model.state_dict(), "optimizer":
-                                       optimizer.state_dict(), "rng": torch.get_rng_state(), "loop": loop | {
-                                           "hidden": {k: list(h) for k, h in loop.get("hidden", {}).items()}}})
+                                       optimizer.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                                       "loop": loop | {"hidden": hidden}})
 
     @contextlib.contextmanager
     def training(self):

@@ -33,12 +33,11 @@ def step(kl: bool):
         with torch.no_grad():
             log_q0 = timed("q0, forward (no graph)", lambda: torch.log_softmax(q0(x, h(q0))[0], -1))
             s = timed("discriminator, forward (no graph)", lambda: disc(x, h(disc))[0])
-        q.eval()
-        log_q_kl = timed("KL pass, forward", lambda: torch.log_softmax(q(x, h(q))[0], -1))
-        q.train()
+        with L.no_dropout(q):                       # as finetune_arm: training mode, every dropout at 0
+            log_q_kl = timed("KL pass, forward", lambda: torch.log_softmax(q(x, h(q))[0], -1))
         loss = timed("finetune_loss (CE + KL over V)", lambda: L.finetune_loss(log_q, y, log_q_kl, log_q0, s, 1.0)[0])
-    else:
-        loss = timed("finetune_loss (CE)", lambda: L.finetune_loss(log_q, y, None, None, None, 0.0)[0])
+    else:                                           # the control's loss, as finetune_arm computes it
+        loss = timed("CE", lambda: F.nll_loss(log_q.flatten(0, -2), y.flatten()))
     opt.zero_grad(set_to_none=True)
     timed("backward", loss.backward)
     timed("clip + Adam step", lambda: (nn.utils.clip_grad_norm_(q.parameters(), 0.25), opt.step()))
