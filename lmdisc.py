@@ -415,10 +415,9 @@ def lm_validate(model: LSTMLM, valid: torch.Tensor):
     return ce, {"valid_ppl": perplexity(ce)}, f"valid ppl {perplexity(ce):8.2f}"
 
 # ==== 6. Phase 1: the base model q0, trained with cross-entropy ======================================================
-# Ordinary language modelling: minimise CE = -mean log q(w_real | c) over the training stream. That is the forward
-# KL(p || q) = E_p[log p - log q] up to E_p[log p]: q is pushed to cover every word p produces, and punished mildly
-# for probability where p has none. The paper's argument starts here: this asymmetry leaves q too flat in some
-# contexts and under-confident about rare words. Phase 3 adds the opposite direction, KL(q || p).
+# Ordinary language modelling: minimise CE = -mean log q(w_real | c) over the training stream, the forward KL(p || q)
+# up to the entropy of p: q is pushed to cover every word p produces, and punished mildly for probability where p
+# has none. The paper's argument starts from this asymmetry; phase 3 adds the opposite direction, KL(q || p).
 
 def cmd_train(args) -> None:
     """Phase 1: train q0 on the training text with CE and SGD, validate on valid; keep the best weights in RUN/lm.pt."""
@@ -464,10 +463,9 @@ def load_lm(ck: dict, corpus: Corpus, device) -> LSTMLM:
 # ==== 7. Phase 2: the discriminator, against the frozen q0 ===========================================================
 # q0 is frozen in eval mode: the dropout-free model is the distribution the discriminator compares the data with,
 # and the one phase 3 starts from. Each batch: q0's log-probabilities (no graph), s for every word, and L_D with
-# the real next word against q0's exact expectation. Adam, not SGD: s starts at 0, and a rare word's b_w gets only
-# small gradients (q0 gives it little weight, and it is seldom the real word); Adam's per-parameter step sizes let it
-# move as far as the rest. It learns on the LM's own training text (this project's reading of the abstracts: "the
-# paper's route") and validates on valid.
+# the real next word against q0's exact expectation. Adam, not SGD: s starts at 0 and a rare word's b_w gets only
+# small gradients; Adam's per-parameter steps let it move as far as the rest. It learns on the LM's own training
+# text (this project's reading of the abstracts: "the paper's route") and validates on valid.
 
 def disc_line(m: dict) -> str:
     """L_D beside chance (below it: it tells real words from q0's on text it did not learn from), how often it
