@@ -1147,7 +1147,7 @@ DEVICE = dict(type=pick_device, default="auto", help="auto (the default): CUDA, 
               "cuda, mps, cpu")
 PHASE = {                                           # the flags every phase (and pipeline) has
     "--preset": dict(choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of the text; small: "
-                     "2x200, for a CPU (about half an hour); medium: 2x650, for a GPU (default: tiny)"),
+                     "2x200, for a CPU (phase 1: half an hour on 2 cores); medium: 2x650, for a GPU (default: tiny)"),
     "--run": dict(type=Path, help="the folder the phases of a run share (default: runs/PRESET)"),
     "--seed": dict(type=int, range=(0, 2 ** 32 - 1), default=1111, help="seed of weights and dropout; the same seed "
                    "gives the same numbers on the same thread count (default: 1111)"), "--device": DEVICE}

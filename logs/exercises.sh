@@ -1,4 +1,6 @@
 #!/bin/bash
+# The exercises of the edition of commit 5b0e499 (13 of them, with flags that have since left the file: run it with
+# that commit's lmdisc.py). This edition's two-hour lab: logs/lab.sh.
 # The README's exercises, as a student runs them, for one thread count and one seed, in a fresh run folder:
 #   OMP_NUM_THREADS=T bash logs/exercises.sh SEED > logs/exercises-T-SEED.log 2>&1
 # Run from the repository root. Exercise 7 edits one line of a copy of lmdisc.py (the dropout trap).
