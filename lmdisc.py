@@ -71,7 +71,7 @@ class Loop:
 
 PRESETS = {
     # tiny: a first look in about a minute on 2 CPU cores, on slices of the text: the mechanics, not the method's
-    # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 5).
+    # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 6).
     "tiny": dict(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
                  train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
                  disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
@@ -999,7 +999,6 @@ def atomic_write(path: Path, data) -> None:
 def save_checkpoint(path: Path, ck: dict) -> None:
     torch.save(ck | {"format": 5}, buffer := io.BytesIO())  # format 5: this edition's
     atomic_write(path, buffer.getvalue())
-
 
 def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
     """Load and check it, or stop with one line that says what the file is (torch's own message advises loading it
