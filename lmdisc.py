@@ -732,9 +732,8 @@ def make_synthetic(out: Path, n_words=200, successors=5, eps=0.1, zipf=1.1, toke
             prev, drawn = int(torch.multinomial(table[prev], 1, generator=gen)), drawn + 1  # w ~ T[prev]
             lines, sentence = (lines + [" ".join(sentence)], []) if prev == 0 else (lines, sentence + [words[prev]])
         texts[f"ptb.{split}.txt"] = ("\n".join(lines) + "\n").encode()  # one sentence per line, as PTB
-    buffer = io.BytesIO()                           # the truth, as a checkpoint
-    torch.save({"kind": "truth", "format": 5, "words": words, "table": table}, buffer)
-    write_new_files(out, texts | {"synthetic_truth.pt": buffer.getvalue()})
+    truth_file = checkpoint_bytes({"kind": "truth", "words": words, "table": table})  # as any checkpoint
+    write_new_files(out, texts | {"synthetic_truth.pt": truth_file})
     print(f"make-synthetic | {out}: {n_words} words + {EOS}, {tokens} tokens; train on it with `--data {out}`")
 
 def truth(corpus, x, y, log_q0, s) -> dict:
@@ -992,13 +991,15 @@ def atomic_write(path: Path, data) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"      # its own name: no writer collides
     try:
         tmp.write_bytes(data if isinstance(data, bytes) else data.encode())  # all of it, or an error
-        os.replace(tmp, path)                       # atomic on POSIX and Windows
+        os.replace(tmp, path)                       # one atomic rename (POSIX); the old file or the new
     finally:
         tmp.unlink(missing_ok=True)                 # gone after a rename or a failure
 
-def save_checkpoint(path: Path, ck: dict) -> None:
-    torch.save(ck | {"format": 5}, buffer := io.BytesIO())  # format 5: this edition's
-    atomic_write(path, buffer.getvalue())
+FORMAT = 5                                          # this edition's checkpoints; another version's are refused
+
+def checkpoint_bytes(ck: dict) -> bytes:            # torch.save's zip archive, stamped with FORMAT
+    torch.save(ck | {"format": FORMAT}, buffer := io.BytesIO())
+    return buffer.getvalue()
 
 def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
     """Load and check it, or stop with one line that says what the file is (torch's own message advises loading it
@@ -1021,8 +1022,8 @@ def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
         raise LmdiscError(f"{path} {what}: delete it and run the step that makes it" + f" (`{make}`)" * bool(make)) \
             from None
     need(isinstance(ck, dict) and ck.get("kind") in kind.split(" or "), f"{path} is not an lmdisc {kind} checkpoint")
-    need(ck.get("format") == 5, f"{path} was written by another version of lmdisc; delete it and run the step that "
-                                f"makes it again")
+    need(ck.get("format") == FORMAT, f"{path} was written by another version of lmdisc; delete it and run the step "
+                                     f"that makes it again")
     ck |= {"path": path, "fingerprint": sha256(data)[:16]}  # its name for the phases after it
     if "data" in ck:                                # a moved project still finds its data: relative first
         ck["data"] = next((p.resolve() for p in (path.parent / ck["data"][0], Path(ck["data"][1])) if p.is_dir()),
@@ -1078,7 +1079,8 @@ class Output:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])  # Adam's moments, SGD's lr
         torch.set_rng_state(ck["rng"])              # the next dropout masks as before (CPU and CUDA; on Apple's
-        torch.cuda.set_rng_state_all(ck["cuda_rng"]) if ck["cuda_rng"] else None   # MPS they differ after a resume)
+        if ck["cuda_rng"]:                          # MPS they differ after a resume)
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
         device = next(model.parameters()).device    # the states go where the model is
         ck["loop"]["hidden"] = {k: tuple(t.to(device) for t in h) for k, h in ck["loop"]["hidden"].items()}
         print(f"{self.path.name} | resuming from {self.partial} at step {ck['loop']['step']}")
@@ -1089,9 +1091,9 @@ class Output:
         self.loop = loop                            # save() adds its record to the result
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         hidden = {k: list(h) for k, h in loop.get("hidden", {}).items()}              # tuples load as lists
-        save_checkpoint(self.partial, {"kind": "resume", "key": self.key, "model": model.state_dict(), "optimizer":
-                                       optimizer.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                                       "loop": loop | {"hidden": hidden}})
+        atomic_write(self.partial, checkpoint_bytes({"kind": "resume", "key": self.key, "model": model.state_dict(),
+                                                     "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                                                     "cuda_rng": cuda_rng, "loop": loop | {"hidden": hidden}}))
 
     @contextlib.contextmanager
     def training(self):
@@ -1117,7 +1119,7 @@ class Output:
             ck["result"]["history"] = self.loop["history"]
         if isinstance(ck.get("data"), Path):        # relative to the checkpoint too, for a moved project
             ck["data"] = [os.path.relpath(ck["data"].resolve(), self.path.parent.resolve()), str(ck["data"].resolve())]
-        save_checkpoint(self.path, ck | {"key": self.key})  # the output, with its key
+        atomic_write(self.path, checkpoint_bytes(ck | {"key": self.key}))  # the output, with its key
         atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2, default=str) + "\n")
         self.partial.unlink(missing_ok=True)
 
