@@ -7,7 +7,7 @@ file replaced that the program did not write, resume after Ctrl-C or SIGTERM). A
 in ptb/ and ../shared/ptb and skips, saying so, if neither has it.
 """
 
-import argparse, json, math, os, signal, subprocess, sys
+import argparse, json, math, os, signal, subprocess, sys, threading
 from pathlib import Path
 
 import pytest
@@ -459,8 +459,7 @@ def test_data_changed_after_phase_1_is_refused_in_one_line(run, tmp_path, capsys
     for argv in (["train-disc", "--run", r, "--lr", 0.5], ["finetune", "--run", r, "--lr", 0.5], ["evaluate",
                  "--checkpoint", r / "finetune" / "kl.pt"], ["analyze", "--run", r]):
         assert run_cli(*argv) == 1, argv
-        err = capsys.readouterr().err
-        assert "has changed since" in err and err.count("\n") == 1, (argv, err)
+        assert "has changed since" in (err := capsys.readouterr().err) and err.count("\n") == 1, (argv, err)
 
 # ---------------------------------------------------------------- interrupts, resume, divergence -------------
 
@@ -582,13 +581,11 @@ def test_checkpoints_load_weights_only_and_bad_ones_are_one_line_errors(tmp_path
              "and run the step that makes it", "nope.pt": "does not exist", ".": "is a folder"}
     for name, message in cases.items():
         assert L.main(["evaluate", "--checkpoint", str(tmp_path / name)]) == 1, name
-        err = capsys.readouterr().err
-        assert message in err and err.startswith("error:") and err.count("\n") == 1, (name, err)
+        assert message in (err := capsys.readouterr().err) and err.startswith("error:") and err.count("\n") == 1, err
         # torch's own advice is the one action that would run the code: never repeated
         assert not any(w in err for w in ("weights_only", "safe_globals", "file an issue")), (name, err)
 
 def test_a_failed_write_leaves_no_temporary_file_and_concurrent_writers_do_not_collide(tmp_path, monkeypatch):
-    import threading
     with monkeypatch.context() as m:
         m.setattr(L.Path, "write_bytes", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
         with pytest.raises(OSError, match="No space"):         # main prints it in one line
@@ -596,7 +593,10 @@ def test_a_failed_write_leaves_no_temporary_file_and_concurrent_writers_do_not_c
     assert list(tmp_path.iterdir()) == []
     threads = [threading.Thread(target=lambda k: [L.atomic_write(tmp_path / "x.json", json.dumps([k, i]))
                                                   for i in range(200)], args=(k,)) for k in range(4)]
-    [t.start() for t in threads] and [t.join() for t in threads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert json.loads((tmp_path / "x.json").read_text())[1] == 199 and len(list(tmp_path.iterdir())) == 1
 
 ABSENT = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not ok]
