@@ -92,6 +92,9 @@ PRESETS = {
 # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU; phases 2 and 3 as in small
 PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Loop(
     lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
+# small-reg: small with Zaremba et al.'s medium dropout (0.5): an LM whose training-text perplexity is near its
+# validation perplexity, the regime of the paper's heavily regularised LMs (logs/README.md, "The regularised LM")
+PRESETS["small-reg"] = dict(PRESETS["small"], lm=dict(PRESETS["small"]["lm"], dropout=0.5))
 
 # ==== 1. Data: Penn Treebank as one long stream of word ids ==========================================================
 # Mikolov's PTB: one sentence per line, lower-cased, numbers as N, rare words as <unk>; 10,000 words with <eos>.
@@ -908,9 +911,11 @@ def cmd_evaluate(args) -> None:
     ck = load_checkpoint(args.checkpoint, "lm")     # q0 or a fine-tuned arm
     corpus = prepare_corpus(ck["data"], of=ck)
     model = load_lm(ck, corpus, args.device)        # frozen
-    if not args.disc:
-        ppl = [perplexity(lm_cross_entropy(model, eval_data(t, args.device))) for t in (corpus.valid, corpus.test)]
-        print(f"evaluate | {args.checkpoint} | whole splits | valid ppl {ppl[0]:.2f} | test ppl {ppl[1]:.2f}")
+    if not args.disc:                               # beside valid and test, the text it learned on: the LM's gap
+        texts = (learned_text(corpus.train, ck["key"]), corpus.valid, corpus.test)
+        ppl = [perplexity(lm_cross_entropy(model, eval_data(t, args.device))) for t in texts]
+        print(f"evaluate | {args.checkpoint} | dropout-free ppl | learned on (train, {texts[0].numel():,} tokens) "
+              f"{ppl[0]:.2f} | whole splits: valid {ppl[1]:.2f} | test {ppl[2]:.2f}")
         return
     disc_ck = load_checkpoint(args.disc, "disc")    # refused below unless of this LM
     disc = load_disc(disc_ck, ck, corpus, args.device)
