@@ -25,15 +25,16 @@ with their commit.
 
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, hashlib, io, json, math, os, re, signal, sys, time, urllib.request, zipfile
-from dataclasses import dataclass
-from pathlib import Path
-
-try:
+import sys
+try:                                                # Ctrl-C while the imports load: nothing started, no traceback
+    import argparse, contextlib, copy, dataclasses, hashlib, io, json, math, os, re, signal, tempfile, time, zipfile
+    import urllib.request
+    from dataclasses import dataclass, field
+    from pathlib import Path
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-except KeyboardInterrupt:                           # Ctrl-C while torch loads: nothing started, no traceback
+except KeyboardInterrupt:
     sys.exit(130)
 
 HERE = Path(__file__).resolve().parent
@@ -52,11 +53,11 @@ def need(condition, message: str) -> None:          # the one way this file stop
 
 # ==== 0. Settings: how each phase runs, and the presets, as plain data (the header of nanoGPT's train.py) ============
 # `--preset NAME` picks one; a flag changes one value. lm: phase 1's LSTM (section 2); disc: the LSTM discriminator
-# (section 3); then each phase's Loop, which `fit` (section 5) runs.
+# (section 3); then each phase's Schedule, which `fit` (section 5) runs.
 
 @dataclass(frozen=True)
-class Loop:
-    """How the loop runs one phase."""
+class Schedule:
+    """How the training loop runs one phase."""
     lr: float
     epochs: int = 1               # passes over the text
     clip: float = 0.25            # max gradient norm: pytorch/examples' value for these LSTMs
@@ -73,24 +74,24 @@ PRESETS = {
     # tiny: a first look in about a minute on 2 CPU cores, on slices of the text: the mechanics, not the method's
     # merit. A 1x64 LSTM that read 200,000 tokens once is too flat, rare words too likely (README, exercise 6).
     "tiny": dict(lm=dict(emsize=64, nhid=64, nlayers=1, dropout=0.1),
-                 train=Loop(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
+                 train=Schedule(lr=20.0, max_tokens=200_000, eval_tokens=20_000),
                  disc=dict(emsize=64, nhid=64, nlayers=1, dropout=0.5),
                  # clip 1.0: Adam's steps are small already; the clip only guards against a rare spike
-                 train_disc=Loop(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
-                 finetune=Loop(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=10),
+                 train_disc=Schedule(lr=3e-3, clip=1.0, max_tokens=50_000, eval_tokens=20_000),
+                 finetune=Schedule(lr=1e-4, max_tokens=35_000, eval_tokens=20_000, log_interval=10),
                  kl_weight=1.0),            # the weight of KL(q || p_hat) beside CE: the paper sums the two
     # small: the 2x200 LSTM of pytorch/examples. On a 2-core CPU the plateau rule rarely fires before time runs
     # out, so from epoch 11 the lr is divided by 4 every epoch (about half an hour: valid 95.17, test 91.58).
     "small": dict(lm=dict(emsize=200, nhid=200, nlayers=2, dropout=0.2),
-                  train=Loop(lr=20.0, epochs=14, decay_start=11, log_interval=200),
+                  train=Schedule(lr=20.0, epochs=14, decay_start=11, log_interval=200),
                   disc=dict(emsize=200, nhid=200, nlayers=1, dropout=0.5),
                   # the LSTM discriminator reaches its best L_D within an epoch: validate often, stop early
-                  train_disc=Loop(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
+                  train_disc=Schedule(lr=1e-3, clip=1.0, eval_every=300, patience=3, log_interval=100),
                   # a fine-tune is a short walk from q0: half an epoch (664 of 1,328 steps), validated every 100
-                  finetune=Loop(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
+                  finetune=Schedule(lr=1e-4, max_tokens=465_000, eval_every=100, patience=3), kl_weight=1.0),
 }
 # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU; phases 2 and 3 as in small
-PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Loop(
+PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Schedule(
     lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
 # small-reg: small with Zaremba et al.'s medium dropout (0.5): an LM whose training-text perplexity is near its
 # validation perplexity, the regime of the paper's heavily regularised LMs (logs/README.md, "The regularised LM")
@@ -110,8 +111,8 @@ class Corpus:
     train: torch.Tensor           # each split as a 1-D LongTensor of word ids
     valid: torch.Tensor
     test: torch.Tensor
-    path: Path | None = None      # the folder it was read from, and a sha256 of its three files
-    fingerprint: str = ""         # (prepare_corpus, section 14, fills both)
+    path: Path | None = None      # the folder it was read from (load_corpus)
+    fingerprint: str = ""         # a sha256 of its three files (prepare_corpus, section 14)
 
 def load_corpus(folder: Path) -> Corpus:
     """The vocabulary from the training text, then each split as ids; a word the training text never had maps to
@@ -303,85 +304,98 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
 # batch_loss(x, y, hidden) (it writes the new states into `hidden`, which new_hidden() fills at each epoch's start)
 # and its validate(), and the loop does what pytorch/examples' main.py does: batches, backward, clip, step, a progress
 # line now and then; validate at each epoch's end (and every eval_every steps), keep the weights of the best
-# validation (early stopping in its simplest form), divide the lr by 4 when a validation brings no gain. `out`
-# (section 16) is the phase's output file, the loop's one link to the plumbing: out.resume() returns the record of
-# an interrupted run, out.keep() writes a resume point after every validation, and inside out.training() Ctrl-C or
-# SIGTERM only asks the loop to stop between two steps (out.stop_if_asked()).
+# validation (early stopping in its simplest form), divide the lr by 4 when a validation brings no gain. The lr
+# lives in one place, the optimizer. `out` (section 16) is the phase's output file: out.resume() hands back the state
+# of an interrupted run, out.keep() writes a resume point at every progress line. Ctrl-C or a kill simply stops the
+# process; the same command continues from the last resume point and ends with the same numbers.
 
-def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cfg: Loop, out,
-        validate_first: bool = False) -> dict:
-    """Train `model` on the batchified `data`; return the loop's record, with the best weights loaded."""
-    per_epoch = len(range(0, data.size(0) - 1, cfg.bptt))              # batches in a pass; max_tokens caps it
-    per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1)))) if cfg.max_tokens else per_epoch
+@dataclass
+class State:
+    """The loop's state: with the weights, the optimizer and the RNG, all an exact continuation needs."""
+    step: int = 0                   # steps done
+    best: float = math.inf          # the best validation score so far (CE or L_D: lower is better)
+    best_step: int = 0
+    best_weights: dict | None = None
+    bad: int = 0                    # validations in a row without a gain
+    stop: bool = False              # early stopping
+    seconds: float = 0.0            # time spent in training steps
+    history: list = field(default_factory=list)   # every validation's numbers
+    hidden: dict = field(default_factory=dict)    # the states carried down the columns (section 1)
+
+def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cfg: Schedule, out,
+        validate_first: bool = False) -> State:
+    """Train `model` on the batchified `data`; return the loop's state, with the best weights loaded."""
+    per_epoch = len(range(0, data.size(0) - 1, cfg.bptt))              # batches in a pass
+    if cfg.max_tokens:                              # at most max_tokens per epoch
+        per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1))))
     total = cfg.epochs * per_epoch                  # steps in the whole phase
-    # validated: the step of the last validation; -1 makes phase 3 validate q0 itself at step 0
-    loop = out.resume(model, optimizer) or dict(step=0, lr=cfg.lr, best=math.inf, best_step=0, bad=0, history=[],
-                                                 validated=-1 if validate_first else 0, stop=False, seconds=0.0,
-                                                 meter=dict(n=0, tokens=0, seconds=0.0, sums={}))
-    with out.training():                            # a signal stops it between steps; divergence keeps nothing
-        while True:
-            step = loop["step"]                     # steps done so far
-            if loop["validated"] < step and (step % per_epoch == 0 or step == total or
-                                             cfg.eval_every and step % cfg.eval_every == 0):
-                validate_and_keep(phase, model, optimizer, validate, loop, cfg, out)
-            if step >= total or loop["stop"]:       # done, or early stopping
-                break
-            out.stop_if_asked(model, optimizer, loop, f"{phase} stopped at step {step}/{total}")
-            if step % per_epoch == 0:               # a new epoch: the text starts again, and so do the states
-                loop["hidden"] = new_hidden(cfg.batch_size)
-                if cfg.decay_start and step // per_epoch + 1 >= cfg.decay_start:
-                    loop["lr"] = optimizer.param_groups[0]["lr"] = loop["lr"] / 4     # one group: one lr
-            # the batch is a function of the step alone: a resumed run reads the batch it would have read
-            x, y = get_batch(data, (step % per_epoch) * cfg.bptt, cfg.bptt)
-            t0 = time.time()                        # the training step alone is timed
-            loss, shown = batch_loss(x, y, loop["hidden"])      # the phase's objective on this batch
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()                         # gradients of the phase's loss
-            if cfg.clip:                            # one exploding LSTM gradient must not throw the weights away
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()                        # SGD (phase 1) or Adam (2, 3)
-            loop["step"], loop["seconds"] = step + 1, loop["seconds"] + time.time() - t0
-            progress(phase, loop, {k: float(v.detach()) for k, v in shown.items()}, x.numel(), per_epoch, total, cfg)
-            del loss, shown                         # this step's graph goes before the next one is built
-    model.load_state_dict(loop["weights"])          # the phase's output: the model at its best validation
-    return loop
+    st = out.resume(model, optimizer) or State()
+    if validate_first and st.step == 0:             # phase 3 scores q0 itself: a fine-tune that never helps hands it back
+        validate_and_keep(phase, model, optimizer, validate, st, cfg, out)
+    line = dict(steps=0, tokens=0, seconds=0.0, sums={})     # what the next progress line averages
+    while st.step < total and not st.stop:
+        if st.step % per_epoch == 0:                # a new epoch: the text starts again, and so do the states
+            st.hidden = new_hidden(cfg.batch_size)
+            if cfg.decay_start and st.step // per_epoch + 1 >= cfg.decay_start:
+                optimizer.param_groups[0]["lr"] /= 4
+        x, y = get_batch(data, (st.step % per_epoch) * cfg.bptt, cfg.bptt)   # a function of the step alone
+        t0 = time.time()                            # the training step alone is timed
+        loss, shown = batch_loss(x, y, st.hidden)   # the phase's objective on this batch
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()                             # gradients of the phase's loss
+        if cfg.clip:                                # one exploding LSTM gradient must not throw the weights away
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()                            # SGD (phase 1) or Adam (2, 3)
+        shown = {k: float(v.detach()) for k, v in shown.items()}        # float() waits for a GPU to finish
+        st.step, seconds = st.step + 1, time.time() - t0
+        if not all(map(math.isfinite, shown.values())):
+            out.diverged(f"{phase}: the loss became {shown} at step {st.step}")
+        st.seconds += seconds
+        printed = progress(phase, st, shown, x.numel(), seconds, line, optimizer, per_epoch, total, cfg)
+        if st.step % per_epoch == 0 or st.step == total or (cfg.eval_every and st.step % cfg.eval_every == 0):
+            validate_and_keep(phase, model, optimizer, validate, st, cfg, out)
+        if printed:                                 # a kill loses at most the steps since the last line
+            out.keep(model, optimizer, st)
+    model.load_state_dict(st.best_weights)          # the phase's output: the model at its best validation
+    return st
 
-def progress(phase: str, loop: dict, shown: dict, tokens: int, per_epoch: int, total: int, cfg: Loop) -> None:
+def progress(phase, st: State, shown: dict, tokens, seconds, line: dict, optimizer, per_epoch, total, cfg) -> bool:
     """Every log_interval steps (and at an epoch's end): the mean losses since the last line, ms/batch and tok/s of
-    the training steps alone (so that a CE + KL step and a CE step compare), time left. nan or inf: it diverged."""
-    need(all(map(math.isfinite, shown.values())), f"{phase}: the loss became {shown} at step {loop['step']}: "
-                                                   f"training diverged, nothing was kept; try a lower --lr")
-    m = loop["meter"]                               # kept in the loop record: a resumed run averages the same steps
-    m.update(n=m["n"] + 1, tokens=m["tokens"] + tokens, sums={k: m["sums"].get(k, 0.0) + v for k, v in shown.items()})
-    step, n, sec = loop["step"], m["n"], loop["seconds"] - m["seconds"]  # steps and seconds since the last line
-    if n < cfg.log_interval and step % per_epoch and step < total:  # not yet time for a line
-        return
-    print(f"{phase} | epoch {(step - 1) // per_epoch + 1:>3} | step {step:>6}/{total} | lr {loop['lr']:.3g} | "
-          f"{1000 * sec / n:6.1f} ms/batch | {m['tokens'] / max(sec, 1e-9):8.0f} tok/s | " + " | ".join(
-              f"{k} {v / n:.4f}" + f" | ppl {perplexity(v / n):8.2f}" * (k == "ce") for k, v in m["sums"].items()) +
-          f" | {(total - step) * sec / n / 60:.1f} min left", flush=True)
-    loop["meter"] = dict(n=0, tokens=0, seconds=loop["seconds"], sums={})
+    the training steps alone (so that a CE + KL step and a CE step compare), time left. True when it printed."""
+    line.update(steps=line["steps"] + 1, tokens=line["tokens"] + tokens, seconds=line["seconds"] + seconds)
+    for k, v in shown.items():
+        line["sums"][k] = line["sums"].get(k, 0.0) + v
+    n, sec = line["steps"], line["seconds"]
+    if n < cfg.log_interval and st.step % per_epoch and st.step < total:   # not yet time for a line
+        return False
+    losses = []
+    for k, v in line["sums"].items():
+        losses.append(f"{k} {v / n:.4f}")
+        if k == "ce":                               # CE in nats, and as a perplexity
+            losses.append(f"ppl {perplexity(v / n):8.2f}")
+    print(f"{phase} | epoch {(st.step - 1) // per_epoch + 1:>3} | step {st.step:>6}/{total} | lr "
+          f"{optimizer.param_groups[0]['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | {line['tokens'] / max(sec, 1e-9):8.0f}"
+          f" tok/s | {' | '.join(losses)} | {(total - st.step) * sec / n / 60:.1f} min left", flush=True)
+    line.update(steps=0, tokens=0, seconds=0.0, sums={})
+    return True
 
-def validate_and_keep(phase: str, model, optimizer, validate, loop: dict, cfg: Loop, out) -> None:
+def validate_and_keep(phase: str, model, optimizer, validate, st: State, cfg: Schedule, out) -> None:
     """Validate; keep a copy of the weights when the score improved, else lr / 4 (pytorch/examples' plateau rule;
     not at step 0) and, after `patience` misses in a row, stop. A diverged model (score inf or nan) is never kept."""
     score, metrics, line = validate()               # in eval mode: no dropout, the model as it will be used
-    need(math.isfinite(score), f"{phase}: {line} at step {loop['step']}: training diverged, nothing was kept; try "
-                               f"a lower --lr")
-    improved = score < loop["best"]                 # lower CE or L_D is better
-    loop["history"].append({"step": loop["step"], "lr": loop["lr"], **metrics})
-    loop["validated"] = loop["step"]                # each step is validated once
-    if improved:                                    # clone: the next optimizer step changes the live tensors
-        loop.update(best=score, best_step=loop["step"], bad=0, weights={k: v.detach().clone() for k, v in
-                                                                        model.state_dict().items()})
-    else:
-        loop["bad"] += 1                            # validations in a row without a gain
-        if loop["step"] > 0:                        # one param group: one lr
-            loop["lr"] = optimizer.param_groups[0]["lr"] = loop["lr"] / 4
-        loop["stop"] = bool(cfg.patience and loop["bad"] >= cfg.patience)
-    verdict = "best so far" if improved else "no gain" + ", stopping early" * loop["stop"]
-    print(f"{'-' * 110}\n{phase} | validation at step {loop['step']:>6} | {line} | {verdict}\n{'-' * 110}", flush=True)
-    out.keep(model, optimizer, loop)                # a killed process loses at most the steps since this line
+    if not math.isfinite(score):
+        out.diverged(f"{phase}: {line} at step {st.step}")
+    st.history.append({"step": st.step, "lr": optimizer.param_groups[0]["lr"], **metrics})
+    if score < st.best:                             # lower CE or L_D is better
+        st.best, st.best_step, st.bad, verdict = score, st.step, 0, "best so far"
+        st.best_weights = copy.deepcopy(model.state_dict())   # a copy (the next step changes the live tensors);
+    else:                                                     # deepcopy keeps the tied matrix one tensor
+        st.bad += 1
+        if st.step > 0:
+            optimizer.param_groups[0]["lr"] /= 4
+        st.stop = cfg.patience > 0 and st.bad >= cfg.patience
+        verdict = "no gain, stopping early" if st.stop else "no gain"
+    print(f"{'-' * 110}\n{phase} | validation at step {st.step:>6} | {line} | {verdict}\n{'-' * 110}", flush=True)
 
 @torch.no_grad()
 def stream(models: list, source: torch.Tensor, bptt: int = 35):
@@ -425,8 +439,8 @@ def lm_validate(model: LSTMLM, valid: torch.Tensor):
 def cmd_train(args) -> None:
     """Phase 1: train q0 on the training text with CE and SGD, validate on valid; keep the best weights in RUN/lm.pt."""
     corpus, preset = prepare_corpus(args.data), PRESETS[args.preset]
-    cfg = dataclasses.replace(preset["train"], lr=args.lr or preset["train"].lr,   # a flag, or the preset's value
-                              epochs=args.epochs or preset["train"].epochs)
+    v = Output.settings(args, lr=preset["train"].lr, epochs=preset["train"].epochs)   # each: its flag, or the preset's
+    cfg = dataclasses.replace(preset["train"], **v)
     # the output and its key, all that determines it: done() if lm.pt exists with this key, refused with another
     out = Output(args.run / "lm.pt", "lm", dict(preset["lm"], **dataclasses.asdict(cfg), seed=args.seed,
                                                  data=corpus.fingerprint))
@@ -444,15 +458,16 @@ def cmd_train(args) -> None:
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())        # against the next words y (35, 20)
         return ce, {"ce": ce}
     print(f"train | LSTM {preset['lm']} | {sum(w.numel() for w in model.parameters()):,} parameters | seed {args.seed}")
-    loop = fit("train", model, optimizer, batch_loss, lambda b: {"lm": model.init_hidden(b)},
-               lambda: lm_validate(model, valid), train_data, cfg, out)
-    result = {"valid_ppl": perplexity(loop["best"]), "test_ppl": perplexity(lm_cross_entropy(model, test)),
-              "steps": loop["step"], "best_step": loop["best_step"]}
+    st = fit("train", model, optimizer, batch_loss, lambda b: {"lm": model.init_hidden(b)},
+             lambda: lm_validate(model, valid), train_data, cfg, out)
+    result = {"valid_ppl": perplexity(st.best), "test_ppl": perplexity(lm_cross_entropy(model, test)),
+              "steps": st.step, "best_step": st.best_step, "history": st.history}
     out.save(lm_checkpoint(model, corpus, result))
     print(f"train | done: valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f} | {out.path}")
 
 def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
-    """A checkpoint is a small dict: constructor arguments, weights, vocabulary, data, result (section 15 adds more)."""
+    """A checkpoint is a small dict: constructor arguments, weights, vocabulary, data, result (Output.save adds the
+    key and checkpoint_bytes the format, section 15)."""
     return {"kind": "lm", "config": model.config, "model": model.state_dict(), "vocab": corpus.vocab,
             "data": corpus.path, "data_sha256": corpus.fingerprint, "result": result}
 
@@ -492,17 +507,17 @@ def disc_metrics(q0: LSTMLM, disc, source: torch.Tensor, corpus: Corpus, diagnos
         for diagnostic in diagnostics:
             values |= diagnostic(corpus, x, y, log_q0, s)
         for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + float(v.double().sum())
+            sums[k] = sums.get(k, 0.0) + float(v.cpu().double().sum())     # float64 on the CPU: MPS has none
         n += y.numel()                              # positions so far
     return {k: v / n for k, v in sums.items()}
 
 def cmd_train_disc(args) -> None:
     """Phase 2 into RUN/disc.pt, or RUN/disc-SETTINGS.pt for settings other than the preset's."""
-    preset, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
+    preset, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make=("train", args))
     corpus = prepare_corpus(lm_ck["data"], of=lm_ck)            # refused if the text changed since phase 1
     v, name = Output.named("disc", args, lm_ck, lr=preset["train_disc"].lr, epochs=preset["train_disc"].epochs,
                            arch="lstm")           # each setting: its flag's value, or the preset's
-    cfg = dataclasses.replace(preset["train_disc"], lr=v["lr"], epochs=v["epochs"])  # the preset's Loop, flags applied
+    cfg = dataclasses.replace(preset["train_disc"], lr=v["lr"], epochs=v["epochs"])
     out = Output(args.run / f"{name}.pt", "disc", dict(preset["disc"], **dataclasses.asdict(cfg), arch=v["arch"],
                                                         lm=lm_ck["fingerprint"], seed=args.seed))
     if out.done():
@@ -522,13 +537,15 @@ def cmd_train_disc(args) -> None:
         return l_d, {"L_D": l_d}
     def validate():                                 # the loss it minimises, on text it did not learn from
         m = disc_metrics(q0, disc, valid, corpus)
+        if m["L_D"] > 2 * CHANCE_L_D:               # far worse than s = 0: diverged, as a CE worse than uniform
+            return math.inf, m, f"L_D {m['L_D']:.5g} is far above chance ({CHANCE_L_D:.5f})"
         return m["L_D"], m, disc_line(m)
     print(f"train-disc | {v['arch']} discriminator, {sum(w.numel() for w in disc.parameters()):,} parameters | "
           f"learns on at most {cfg.max_tokens or corpus.train.numel():,} tokens of train per epoch | seed {args.seed}")
-    loop = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
-               lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
-    result = {"valid": next(h for h in loop["history"] if h["step"] == loop["best_step"]),
-              "test": disc_metrics(q0, disc, test, corpus), "kept_step": loop["best_step"]}
+    st = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
+             lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
+    result = {"valid": next(h for h in st.history if h["step"] == st.best_step),
+              "test": disc_metrics(q0, disc, test, corpus), "kept_step": st.best_step, "history": st.history}
     print(f"train-disc | valid | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
     # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
     out.save({"kind": "disc", "arch": v["arch"], "size": preset["disc"], "model": disc.state_dict(),
@@ -570,11 +587,11 @@ def no_dropout(model: LSTMLM):
 
 def cmd_finetune(args) -> None:
     """Phase 3 and its control into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
-    preset, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make="python lmdisc.py train")
-    disc_ck = load_checkpoint(args.disc or args.run / "disc.pt", "disc", make=None if args.disc else
-                              "python lmdisc.py train-disc")
-    if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's: the output folder is named by
-        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})  # its print
+    preset, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make=("train", args))
+    disc_ck = load_checkpoint(args.disc or args.run / "disc.pt", "disc", make=None if args.disc else ("train-disc", args))
+    corpus = prepare_corpus(lm_ck["data"], of=lm_ck)            # refused if the text changed since phase 1
+    if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's discriminator: the output folder
+        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})  # names its sha
     # each setting: its flag's value, or the preset's (--lr 1e-4 is tiny's); the folder: "finetune" or a variant
     v, name = Output.named("finetune", args, lm_ck, lr=preset["finetune"].lr, kl_weight=preset["kl_weight"],
                            disc=args.run / "disc.pt")
@@ -582,10 +599,10 @@ def cmd_finetune(args) -> None:
     key = dict(dataclasses.asdict(cfg), kl_weight=v["kl_weight"], lm=lm_ck["fingerprint"],
                disc=disc_ck["fingerprint"], seed=args.seed)
     out = Output(folder / "finetune.pt", "finetune", key)
-    if done := out.done():
+    done = out.done()
+    if done:
         print(done["result"]["table"])              # `finetune --lr 1e-4` after `pipeline`: the stored table
         return
-    corpus = prepare_corpus(lm_ck["data"], of=lm_ck)
     q0 = load_lm(lm_ck, corpus, args.device)
     disc = load_disc(disc_ck, lm_ck, corpus, args.device)      # refused unless it learned against this q0
     train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
@@ -593,23 +610,26 @@ def cmd_finetune(args) -> None:
     arms = {arm: finetune_arm(arm, Output(folder / f"{arm}.pt", "lm", key | {"arm": arm}), lm_ck, corpus, q0, disc,
                               train_data, valid, test, cfg, v["kl_weight"], args) for arm in ("ce", "kl")}
     # the table, only here, after both arms finished: an interrupted arm stops the command before this
-    rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), "")] + [
-        (name, arms[a]["valid_ppl"], arms[a]["test_ppl"], arms[a]["ms_per_batch"]) for a, name in
-        (("ce", "CE-only control"), ("kl", f"CE + {v['kl_weight']:g} KL(q || p_hat) (phase 3)"))]
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
-    table = "\n".join(["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
-                      +
-                      [f"| {n} | {v:.2f} | {t:.2f} | {ms} |" for n, v, t, ms in rows] + ["-" * 110, f"finetune | a "
-                       f"CE + KL step costs {rows[2][3] / rows[1][3]:.2f}x a CE-only step (training steps only)"])
+    lines = ["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|",
+             f"| base q0 (phase 1) | {arms['ce']['base_valid_ppl']:.2f} | {perplexity(lm_cross_entropy(q0, test)):.2f} | |"]
+    for arm, model in (("ce", "CE-only control"), ("kl", f"CE + {v['kl_weight']:g} KL(q || p_hat) (phase 3)")):
+        lines.append(f"| {model} | {arms[arm]['valid_ppl']:.2f} | {arms[arm]['test_ppl']:.2f} | "
+                     f"{arms[arm]['ms_per_batch']} |")
+    cost = arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"]
+    table = "\n".join(lines + ["-" * 110, f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step (training "
+                                          f"steps only)"])
     print(table)
     out.save({"kind": "finetune", "result": {"arms": arms, "table": table, "eval_tokens": cfg.eval_tokens, "disc":
               os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}})  # found again in a moved copy
 
-def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid, test, cfg: Loop,
+def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid, test, cfg: Schedule,
                  kl_weight: float, args) -> dict:
-    """Fine-tune one copy of q0: "kl" with CE + kl_weight KL, "ce" the control with CE alone."""
-    if done := out.done():
-        return done["result"]
+    """Fine-tune one copy of q0: "kl" with CE + kl_weight KL, "ce" the control with CE alone. Returns its result
+    and the fingerprint of its checkpoint (analyze checks it)."""
+    done = out.done()
+    if done:
+        return done["result"] | {"checkpoint": done["fingerprint"]}
     torch.manual_seed(args.seed)                    # the same seed for both arms: the same dropout masks
     q = LSTMLM(**lm_ck["config"]).to(args.device)
     q.load_state_dict(lm_ck["model"])               # q = q0 at step 0; q0 stays beside it as p_hat's anchor
@@ -625,26 +645,29 @@ def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, t
             logits, hidden["q0"] = q0(x, hidden["q0"])              # a (35, 20, V) tensor no longer needed is freed)
             log_q0 = torch.log_softmax(logits, -1)
             s, hidden["disc"] = disc(x, hidden["disc"])  # s: (35, 20, V)
-        with no_dropout(q):                         # the pass the KL term reads: the same weights, no dropout
-            logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
+        with no_dropout(q):                         # the pass the KL term reads: the same weights, no dropout, and
+            logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))  # a state of its own, carried down the columns
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, kl_weight)
         return loss, {"ce": ce, "kl": kl}
-    states = lambda b: {"q": q.init_hidden(b)} | ({} if control else {"q_kl": q.init_hidden(b), "q0": q0.init_hidden(b),
-                                                                      "disc": disc.init_hidden(b)})
-    loop = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, states,
-               lambda: finetune_validate(q, q0, disc, valid), text, cfg, out, validate_first=True)
-    result = {"valid_ppl": perplexity(loop["best"]), "base_valid_ppl": loop["history"][0]["valid_ppl"],
+    def new_hidden(b):                              # each pass carries its own state down the columns
+        if control:
+            return {"q": q.init_hidden(b)}
+        return {"q": q.init_hidden(b), "q_kl": q.init_hidden(b), "q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}
+    st = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, new_hidden,
+             lambda: finetune_validate(q, q0, disc, valid), text, cfg, out, validate_first=True)
+    result = {"valid_ppl": perplexity(st.best), "base_valid_ppl": st.history[0]["valid_ppl"],
               "test_ppl": perplexity(lm_cross_entropy(q, test)),             # once, on the weights it kept
-              "best_step": loop["best_step"], "ms_per_batch": round(1000 * loop["seconds"] / loop["step"], 1)}
-    out.save(lm_checkpoint(q, corpus, result))      # only this marks the arm done
-    return result
+              "best_step": st.best_step, "ms_per_batch": round(1000 * st.seconds / st.step, 1), "history": st.history}
+    return result | {"checkpoint": out.save(lm_checkpoint(q, corpus, result))}  # only saving marks the arm done
 
 def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
     """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
     score, metrics, line = lm_validate(q, valid)    # the score it keeps the best of
-    kl = sum(float(reverse_kl(lq.log_softmax(-1), lq0.log_softmax(-1), s).double().sum()) / valid[1:].numel()
-             for _, _, (lq, lq0, s) in stream([q, q0, disc], valid))          # a mean over the positions
+    kl = 0.0                                        # a mean over the positions, summed in float64 on the CPU
+    for _, _, (logits, logits0, s) in stream([q, q0, disc], valid):            # (MPS has no float64)
+        kl += float(reverse_kl(logits.log_softmax(-1), logits0.log_softmax(-1), s).cpu().double().sum()) / valid[
+            1:].numel()
     return score, metrics | {"valid_kl": kl}, f"{line} | KL(q||p_hat) {kl:.4f}"
 
 
@@ -746,6 +769,8 @@ def truth(corpus, x, y, log_q0, s) -> dict:
         return {}
     if getattr(corpus, "true_log_p", None) is None:  # log T re-indexed to the corpus's vocabulary, once
         ck = load_checkpoint(corpus.path / "synthetic_truth.pt", "truth")
+        need(set(corpus.vocab) <= set(ck["words"]), f"{corpus.path} has words its synthetic_truth.pt lacks: the text "
+                                                    f"was edited after make-synthetic, and the truth no longer holds")
         order = torch.tensor([ck["words"].index(w) for w in corpus.vocab])  # corpus id -> table id
         corpus.true_log_p = ck["table"][order][:, order].log().float()
     log_p = corpus.true_log_p.to(s.device)[x]       # p(. | c) = T[previous token]
@@ -773,7 +798,7 @@ class Tempered(nn.Module):
 
 def temperature_moments(log_q: torch.Tensor, y: torch.Tensor, beta: float):
     """Summed over positions, in float64: NLL(beta), NLL'(beta), NLL''(beta) (the equations above)."""
-    z = log_q.double()                              # float64: sums over thousands of positions
+    z = log_q.cpu().double()                        # float64, on the CPU (MPS has none): sums over many positions
     log_qb = torch.log_softmax(beta * z, -1)        # log q_beta
     mean = (log_qb.exp() * z).sum(-1, keepdim=True)                    # E_{q_beta}[z], per position
     return (-log_qb.gather(-1, y.unsqueeze(-1)).sum(), (mean - z.gather(-1, y.unsqueeze(-1))).sum(),
@@ -861,32 +886,42 @@ FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 def cmd_analyze(args) -> None:
     """The baselines, then the mean test log-probability per training-count bucket; FOLDER/rare_words.csv."""
     run, folder = args.run, args.finetune or args.run / "finetune"  # the card's fine-tune by default
-    lm_ck = load_checkpoint(run / "lm.pt", "lm", make="python lmdisc.py train")
-    ft = load_checkpoint(folder / "finetune.pt", "finetune", make="python lmdisc.py finetune")["result"]
+    lm_ck = load_checkpoint(run / "lm.pt", "lm", make=("train", args))
+    ft_ck = load_checkpoint(folder / "finetune.pt", "finetune", make=("finetune", args))
+    ft, key = ft_ck["result"], ft_ck["key"]         # what the fine-tune read and wrote, by fingerprint
+    need(key["lm"] == lm_ck["fingerprint"], f"{folder} is a fine-tune of another LM than {run / 'lm.pt'}")
     corpus, device = prepare_corpus(lm_ck["data"], of=lm_ck), args.device
     q0 = load_lm(lm_ck, corpus, device)             # frozen, as in phase 3
-    disc = load_disc(load_checkpoint(folder / ft["disc"], "disc"), lm_ck, corpus, device)   # relative to it
-    models = {"base": q0, "rescored": Rescored(q0, disc)} | {name: load_lm(load_checkpoint(folder / f"{a}.pt"), corpus,
-                                                             device) for name, a in (("control", "ce"), ("kl", "kl"))}
+    disc = load_disc(load_checkpoint(folder / ft["disc"], "disc", fingerprint=key["disc"]), lm_ck, corpus, device)
+    models = {"base": q0, "rescored": Rescored(q0, disc)}
+    for name, arm in (("control", "ce"), ("kl", "kl")):     # each arm as the fine-tune wrote it
+        arm_ck = load_checkpoint(folder / f"{arm}.pt", fingerprint=ft["arms"][arm]["checkpoint"])
+        models[name] = load_lm(arm_ck, corpus, device)
     valid, test = (eval_data(t, device, ft["eval_tokens"]) for t in (corpus.valid, corpus.test))
     targets, logps, lines = against_baselines(models, ft, valid, test, corpus)
     print("\n".join([f"| model | valid ppl | test ppl | (beside {folder / 'finetune.json'})", "|---|---:|---:|"] +
                     lines))
-    buckets = [(0, 1)] + list(zip(FREQ_EDGES, FREQ_EDGES[1:] + (math.inf,)))  # [0, 1), [1, 10), ... [10000, inf)
+    rare_words(list(models), targets, logps, corpus, folder)
+
+def rare_words(models: list, targets, logps, corpus, folder: Path) -> None:
+    """Each model's mean log-probability of the test tokens, by their word's count in the training text."""
     count = torch.bincount(corpus.train, minlength=len(corpus.vocab))[targets]          # each token's training count
-    rows = [{"bucket": "0" if hi == 1 else f"{lo}-{hi}" if hi < math.inf else f">={lo}", "tokens": int(inside.sum())} |
-            {f"logp_{m}": round(float(lp[inside].double().mean()), 5) for m, lp in zip(models, logps)}
-            for lo, hi in buckets if (inside := (count >= lo) & (count < hi)).any()]
-    for r in rows:
-        r |= {f"delta_{m}": round(r[f"logp_{m}"] - r["logp_base"], 5) for m in list(models)[1:]}  # moved from q0
+    rows = []
+    for lo, hi in [(0, 1)] + list(zip(FREQ_EDGES, FREQ_EDGES[1:] + (math.inf,))):   # [0, 1), [1, 10), ... [10000, inf)
+        inside = (count >= lo) & (count < hi)
+        if not inside.any():
+            continue
+        row = {"bucket": "0" if hi == 1 else f">={lo}" if hi == math.inf else f"{lo}-{hi}", "tokens": int(inside.sum())}
+        row |= {f"logp_{m}": round(float(lp[inside].double().mean()), 5) for m, lp in zip(models, logps)}
+        rows.append(row | {f"delta_{m}": round(row[f"logp_{m}"] - row["logp_base"], 5) for m in models[1:]})
     atomic_write(folder / "rare_words.csv", "\n".join([",".join(rows[0])] + [",".join(map(str, r.values()))
                                                                              for r in rows]) + "\n")
     print(f"rare words | {folder} | test tokens by training count (a-b: seen a to b - 1 times): mean log-probability,"
           f" and its change against base\n{'count':>9} {'tokens':>7} " + " ".join(f"{'logp ' + m:>13}" for m in models)
-          + " " + " ".join(f"{'d ' + m:>11}" for m in list(models)[1:]))
+          + " " + " ".join(f"{'d ' + m:>11}" for m in models[1:]))
     for r in rows:
         print(f"{r['bucket']:>9} {r['tokens']:>7} " + " ".join(f"{r['logp_' + m]:>13.4f}" for m in models) + " " +
-              " ".join(f"{r['delta_' + m]:>+11.4f}" for m in list(models)[1:]))
+              " ".join(f"{r['delta_' + m]:>+11.4f}" for m in models[1:]))
 
 def cmd_pipeline(args) -> None:
     """The three phases with the preset's settings, then `analyze`: the same functions as by hand."""
@@ -931,9 +966,9 @@ def cmd_evaluate(args) -> None:
 #                                       PART III. PLUMBING (a reader may skip it)
 # #####################################################################################################################
 # It guards: a file the program did not write is never replaced; checkpoints are plain dicts written atomically and
-# loaded with weights_only=True; Ctrl-C and SIGTERM leave a resume point; a finished step is not redone, and other
-# settings get other files; a discriminator of another LM, or data changed since phase 1, is refused. It does not
-# guard against two commands writing one run folder at once.
+# loaded with weights_only=True; a finished step is not redone, and other settings get other files; a discriminator
+# of another LM, or data changed since phase 1, is refused; a kill loses at most the steps since the last progress
+# line. It does not guard against two commands writing one run folder at once.
 
 # ==== 14. Penn Treebank, checked byte for byte =======================================================================
 
@@ -980,7 +1015,7 @@ def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
     need(of is None or of["data_sha256"] == fingerprint, f"{folder} has changed since {of and of['path']} learned on "
          f"it (its sha256 differs): restore the files, or train again from phase 1 in another --run")
     corpus = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)  # section 1
-    print(f"data | {folder}{' (Penn Treebank, sha256 verified)' * ptb} | vocabulary {len(corpus.vocab):,} | train "
+    print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if ptb else ''} | vocabulary {len(corpus.vocab):,} | train "
           f"{corpus.train.numel():,} | valid {corpus.valid.numel():,} | test {corpus.test.numel():,} tokens")
     return corpus
 
@@ -991,154 +1026,163 @@ def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
 
 def atomic_write(path: Path, data) -> None:
     """Write a temporary file beside `path`, then rename: a reader (or a crash) sees the old file or the new one,
-    never half of either; on an error no temporary file stays."""
-    path.parent.mkdir(parents=True, exist_ok=True)  # a new run folder
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"      # its own name: no writer collides
+    never half of either. One temporary name per file: the next write replaces what a killed one left."""
+    tmp = path.parent / f".{path.name}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)             # a new run folder
         tmp.write_bytes(data if isinstance(data, bytes) else data.encode())  # all of it, or an error
-        os.replace(tmp, path)                       # one atomic rename (POSIX); the old file or the new
+        os.replace(tmp, path)                       # one atomic rename (POSIX): the old file or the new
+    except OSError as e:                            # a full disk, a read-only folder: say which file
+        raise LmdiscError(f"could not write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)                 # gone after a rename or a failure
 
-FORMAT = 5                                          # this edition's checkpoints; another version's are refused
+FORMAT = 6                                          # this edition's checkpoints; another version's are refused
 
 def checkpoint_bytes(ck: dict) -> bytes:            # torch.save's zip archive, stamped with FORMAT
-    torch.save(ck | {"format": FORMAT}, buffer := io.BytesIO())
+    buffer = io.BytesIO()
+    torch.save(ck | {"format": FORMAT}, buffer)
     return buffer.getvalue()
 
-def load_checkpoint(path, kind: str = "lm", make: str | None = None) -> dict:
-    """Load and check it, or stop with one line that says what the file is (torch's own message advises loading it
-    unsafely: not repeated); `make` is the command that writes it."""
+def command(name: str, args) -> str:
+    """The command that makes a missing step, with the flags that find this run (none for tiny's default run)."""
+    preset = getattr(args, "preset", "PRESET")      # analyze has no --preset: the run's own
+    flags = "" if preset == "tiny" else f" --preset {preset}"
+    if Path(args.run).resolve() != (DEFAULT_RUNS / preset).resolve():
+        flags += f" --run {args.run}"
+    return f"python lmdisc.py {name}{flags}"
+
+def what_it_is(data: bytes, error: Exception) -> str:
+    """Why a file failed to load, said without advising to load it unsafely (torch's own message does)."""
+    if not data:
+        return "is empty"
+    if data[:4] != b"PK\x03\x04":
+        return "is not a checkpoint (torch.save writes a zip archive; this file is not one)"
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))   # a pickle that would call a function when loaded
+    if named:
+        return f"names {named[1]}, which loading it would call: a file that can run code is refused"
+    if "weights_only" in str(error):
+        return "holds objects other than tensors, numbers, strings, lists and dicts"
+    return "is truncated or damaged"
+
+def load_checkpoint(path, kind: str = "lm", make: tuple | None = None, fingerprint: str | None = None) -> dict:
+    """Load and check it, or stop with one line that says what the file is; `make` = (subcommand, args) writes it;
+    `fingerprint`, when given, is the sha256 (16 digits) the step that used it recorded."""
     path = Path(path)
-    in_tiny = path.parent.resolve() == (DEFAULT_RUNS / "tiny").resolve()           # the default run needs no flag
-    make = make and make + ("" if in_tiny else f" --run {path.parent}")
-    need(path.is_file(), f"{path} is a folder: pass the checkpoint file in it" if path.is_dir() else f"{path} "
-         f"does not exist" + (f" yet: run `{make}` first" if make else ""))
+    hint = f" (`{command(*make)}`)" if make else ""
+    need(not path.is_dir(), f"{path} is a folder: pass the checkpoint file in it")
+    need(path.is_file(), f"{path} does not exist" + (f" yet: run `{command(*make)}` first" if make else ""))
     data = path.read_bytes()                        # read once: checked, loaded and named
     try:
         need(zipfile.ZipFile(io.BytesIO(data)).testzip() is None, "a member fails its CRC-32")
         ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # never runs code
     except Exception as e:
-        named = re.search(r"GLOBAL ([\w.]+)", str(e))   # a pickle that would call a function when loaded
-        what = "is empty" if not data else "is not a checkpoint (torch.save writes a zip archive; this file is not " \
-            "one)" if data[:4] != b"PK\x03\x04" else f"names {named[1]}, which loading it would call: a file that " \
-            f"can run code is refused" if named else "holds objects other than tensors, numbers, strings, lists and " \
-            "dicts" if "weights_only" in str(e) else "is truncated or damaged"
-        raise LmdiscError(f"{path} {what}: delete it and run the step that makes it" + f" (`{make}`)" * bool(make)) \
-            from None
-    need(isinstance(ck, dict) and ck.get("kind") in kind.split(" or "), f"{path} is not an lmdisc {kind} checkpoint")
+        raise LmdiscError(f"{path} {what_it_is(data, e)}: delete it and run the step that makes it{hint}") from None
+    need(isinstance(ck, dict) and ck.get("kind") == kind, f"{path} is not an lmdisc {kind} checkpoint")
     need(ck.get("format") == FORMAT, f"{path} was written by another version of lmdisc; delete it and run the step "
-                                     f"that makes it again")
+                                     f"that makes it again{hint}")
     ck |= {"path": path, "fingerprint": sha256(data)[:16]}  # its name for the phases after it
+    need(fingerprint in (None, ck["fingerprint"]), f"{path} is not the file the fine-tune recorded (another "
+                                                   f"discriminator or arm was put there): run finetune again")
     if "data" in ck:                                # a moved project still finds its data: relative first
-        ck["data"] = next((p.resolve() for p in (path.parent / ck["data"][0], Path(ck["data"][1])) if p.is_dir()),
-                          Path(ck["data"][1]))
+        here = path.parent / ck["data"][0]
+        ck["data"] = here.resolve() if here.is_dir() else Path(ck["data"][1])
     return ck
 
-# ==== 16. Outputs, keys and resume points; signals ===================================================================
+# ==== 16. Outputs, keys and resume points ============================================================================
 # Each phase writes one output with its *key*: everything that determines it (settings, seed, the fingerprints of
 # the data and of the checkpoints it read). The same key again: "up to date"; another key: refused, naming what
-# differs. While a phase trains, NAME.resume.pt holds all the next step depends on (weights, optimizer, loop record,
-# states, RNG), so a run stopped by Ctrl-C or SIGTERM continues exactly; the signal only sets a flag between steps.
-
-class Stopped(Exception):
-    """A signal arrived: exit status 128 + its number (130 for Ctrl-C); nothing was marked done."""
+# differs. While a phase trains, NAME.resume.pt holds all the next step depends on (weights, optimizer, the loop's
+# State, RNG), rewritten at every progress line: Ctrl-C or a kill stops the process, the same command continues.
 
 class Output:
-    """The phases' one link to the files: named() and done() before the work; in the loop resume(), keep(),
-    training(), stop_if_asked(); save() at the end."""
-    asked, training_now = None, False              # the signal that asked to stop; whether a loop is training
+    """A phase's output file: settings(), named() and done() before the work; resume() and keep() in the loop;
+    save() at the end."""
+    resumes = None                                  # main's Ctrl-C line: where the same command continues
 
     def __init__(self, path: Path, kind: str, key: dict):
         self.path, self.kind, self.key, self.partial = path, kind, key, path.with_suffix(".resume.pt")
 
     @staticmethod
+    def settings(args, **defaults) -> dict:         # each setting: its flag's value if given, else the preset's
+        return {k: d if getattr(args, k, None) is None else getattr(args, k) for k, d in defaults.items()}
+
+    @staticmethod
     def named(stem: str, args, lm_ck: dict, **defaults):
-        """Each setting's value (its flag, or the preset's) and the output's name: "finetune" for the preset's
-        settings, "finetune-lr-0.01" for others, so that one run never overwrites another's files."""
-        values = {k: d if getattr(args, k, None) is None else getattr(args, k) for k, d in defaults.items()}
-        text = lambda k, v: v.stem if isinstance(v, Path) else f"{k.replace('_', '-')}-{v:.15g}" if isinstance(
-            v, float) else f"{k.replace('_', '-')}-{v}"          # 15 digits: --lr 1.000001e-4 is not --lr 1e-4
+        """Each setting's value and the output's name: "finetune" for the preset's settings, "finetune-lr-0.01" for
+        others, so that one run never overwrites another's files."""
+        def text(k, v):                             # 15 digits: --lr 1.000001e-4 is not --lr 1e-4
+            if isinstance(v, Path):
+                return v.stem
+            return f"{k.replace('_', '-')}-{v:.15g}" if isinstance(v, float) else f"{k.replace('_', '-')}-{v}"
+        values = Output.settings(args, **defaults)
         parts = [text(k, v) for k, v in values.items() if text(k, v) != text(k, defaults[k])]
-        # another seed than the LM's is a variant too: `pipeline --seed 2` then `finetune --seed 2` is the same run
-        return values, "-".join([stem] + parts + [f"seed-{args.seed}"] * (args.seed != lm_ck["key"]["seed"]))
+        if args.seed != lm_ck["key"]["seed"]:       # `pipeline --seed 2` then `finetune --seed 2` is the same run
+            parts.append(f"seed-{args.seed}")
+        return values, "-".join([stem] + parts)
 
     def done(self) -> dict | None:
-        """The stored checkpoint if this output exists with this key; None if the work is still to do."""
-        if not self.path.exists():                  # the work is still to do
+        """The stored checkpoint if this output exists with this key; None if the work is still to do, once the
+        folder is known to be writable (one line now, not after an epoch)."""
+        own_json = self.path.with_suffix(".json")
+        need(self.path.exists() or not own_json.exists(), f"{own_json} exists and lmdisc did not write it (no "
+                                                          f"{self.path.name} beside it): move it, or choose another --run")
+        if not self.path.exists():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.path.parent).close()
+            except OSError as e:
+                raise LmdiscError(f"cannot write in {self.path.parent}: {e.strerror or e}") from None
             return None
-        ck, key = load_checkpoint(self.path, self.kind), self.key  # the stored output and its key
-        diff = [f"{k} {ck['key'].get(k)} there, {key.get(k)} here" for k in sorted(set(ck["key"]) | set(key))
-                if ck["key"].get(k) != key.get(k)]
+        ck = load_checkpoint(self.path, self.kind)
+        diff = [f"{k} {ck['key'].get(k)} there, {self.key.get(k)} here" for k in sorted(set(ck["key"]) | set(self.key))
+                if ck["key"].get(k) != self.key.get(k)]
         need(not diff, f"{self.path} was made with other settings ({'; '.join(diff)[:300]}); choose another --run, "
                        f"or delete it to make it again")
         print(f"{self.path} is up to date (same settings, seed, data and inputs)")
         return ck
 
-    def resume(self, model, optimizer) -> dict | None:
+    def resume(self, model, optimizer) -> State | None:
+        Output.resumes = f"nothing to resume yet: the same command starts {self.path.name} again"
         if not self.partial.exists():               # nothing interrupted: start afresh
             return None
         ck = load_checkpoint(self.partial, "resume")
         need(ck["key"] == self.key, f"{self.partial} is an interrupted run with other settings; delete it to start "
                                     f"afresh, or run that command again to finish it")
         model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])  # Adam's moments, SGD's lr
-        torch.set_rng_state(ck["rng"])              # the next dropout masks as before (CPU and CUDA; on Apple's
-        if ck["cuda_rng"]:                          # MPS they differ after a resume)
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        optimizer.load_state_dict(ck["optimizer"])  # Adam's moments, the lr
+        torch.set_rng_state(ck["rng"])              # the next dropout masks as before
+        if ck["cuda_rng"]:                          # CUDA's too; cuDNN's dropout (2-layer LSTMs) keeps a state of its
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])   # own: on a GPU the continuation is close, not exact
+        st = State(**ck["state"])
         device = next(model.parameters()).device    # the states go where the model is
-        ck["loop"]["hidden"] = {k: tuple(t.to(device) for t in h) for k, h in ck["loop"]["hidden"].items()}
-        print(f"{self.path.name} | resuming from {self.partial} at step {ck['loop']['step']}")
-        return ck["loop"]
+        st.hidden = {k: tuple(t.to(device) for t in h) for k, h in st.hidden.items()}
+        print(f"{self.path.name} | resuming from {self.partial} at step {st.step}")
+        return st
 
-    def keep(self, model, optimizer, loop: dict) -> None:
+    def keep(self, model, optimizer, st: State) -> None:
         """The resume point: everything the next step depends on, the RNG state that draws its dropout masks too."""
-        self.loop = loop                            # save() adds its record to the result
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        hidden = {k: list(h) for k, h in loop.get("hidden", {}).items()}              # tuples load as lists
         atomic_write(self.partial, checkpoint_bytes({"kind": "resume", "key": self.key, "model": model.state_dict(),
                                                      "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                                                     "cuda_rng": cuda_rng, "loop": loop | {"hidden": hidden}}))
+                                                     "cuda_rng": cuda_rng, "state": vars(st)}))
+        Output.resumes = f"the same command continues {self.path.name} from step {st.step} ({self.partial})"
 
-    @contextlib.contextmanager
-    def training(self):
-        """Signals only ask the loop to stop while it trains; a run that diverges (an LmdiscError) keeps nothing."""
-        Output.training_now = True                  # on_signal reads it
-        try:
-            yield
-        except LmdiscError:
-            self.partial.unlink(missing_ok=True)    # diverged: no resume point either
-            raise
-        finally:
-            Output.training_now = False
+    def diverged(self, message: str):
+        self.partial.unlink(missing_ok=True)        # a diverged run keeps nothing, no resume point either
+        raise LmdiscError(f"{message}: training diverged, nothing was kept; try a lower --lr")
 
-    def stop_if_asked(self, model, optimizer, loop: dict, where: str) -> None:
-        if Output.asked:                            # set by on_signal
-            self.keep(model, optimizer, loop)
-            raise Stopped(Output.asked, f"{where}; run the same command again to continue from {self.partial}")
-
-    def save(self, ck: dict) -> None:
-        """The phase is done: its checkpoint (a trained phase's result gains each validation's numbers), a JSON copy
-        of its result, no resume point. Only this marks it done."""
-        if hasattr(self, "loop"):
-            ck["result"]["history"] = self.loop["history"]
+    def save(self, ck: dict) -> str:
+        """The phase is done: its checkpoint, a JSON copy of its result, no resume point. Only this marks it done.
+        Returns the checkpoint's fingerprint."""
         if isinstance(ck.get("data"), Path):        # relative to the checkpoint too, for a moved project
             ck["data"] = [os.path.relpath(ck["data"].resolve(), self.path.parent.resolve()), str(ck["data"].resolve())]
-        atomic_write(self.path, checkpoint_bytes(ck | {"key": self.key}))  # the output, with its key
+        data = checkpoint_bytes(ck | {"key": self.key})
+        atomic_write(self.path, data)               # the output, with its key
         atomic_write(self.path.with_suffix(".json"), json.dumps(ck["result"], indent=2, default=str) + "\n")
         self.partial.unlink(missing_ok=True)
-
-def on_signal(signum, frame) -> None:
-    """In a training loop the first signal only asks it to stop after this step; elsewhere, or a second one: now.
-    Once stopping, another signal changes nothing (it would interrupt the line that says so)."""
-    if Output.asked is not None and not Output.training_now:  # already stopping
-        return
-    first, Output.asked = Output.asked is None, signum
-    if first and Output.training_now:
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resume point (Ctrl-C again "
-              f"to stop at once)", file=sys.stderr, flush=True)
-        return
-    raise Stopped(signum, "stopped at once; every file written so far is intact")
+        Output.resumes = None
+        return sha256(data)[:16]
 
 # ==== 17. The command line: each subcommand, its function and its flags (argparse's keywords; "range" bounds them) ===
 
@@ -1203,40 +1247,37 @@ def build_parser() -> argparse.ArgumentParser:
                                      "inator (arXiv:1811.04623). First: train, train-disc, finetune; or pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")  # one per entry
     for name, (handler, text, flags) in COMMANDS.items():
-        q = sub.add_parser(name, help=text, description=text)
-        q.set_defaults(handler=handler)             # main calls it
+        command_parser = sub.add_parser(name, help=text, description=text)
+        command_parser.set_defaults(handler=handler)                    # main calls it
         for flag, spec in flags.items():
-            typed = {"type": in_range(spec["type"], *spec["range"])} if "range" in spec else {}
-            q.add_argument(flag, **{k: v for k, v in spec.items() if k != "range"} | typed)
+            if "range" in spec:                     # a number checked against its bounds
+                spec = {k: v for k, v in spec.items() if k != "range"} | {"type": in_range(spec["type"], *spec["range"])}
+            command_parser.add_argument(flag, **spec)
     return parser
 
 def main(argv=None) -> int:
-    """Exit status: 0 done, 1 an error (one line), 2 a usage error, 128 + signal when stopped (130: Ctrl-C)."""
+    """Exit status: 0 done, 1 an error (one line), 2 a usage error, 130 stopped by Ctrl-C."""
     args = build_parser().parse_args(argv)          # a usage error exits 2 here
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}    # SIGTERM acts as Ctrl-C
+    Output.resumes = None
     try:
         if "preset" in args:
             args.run = args.run or DEFAULT_RUNS / args.preset  # runs/tiny by default
         args.handler(args)                          # the subcommand
-    except Stopped as e:
-        print(f"interrupted: {e.args[1]}", file=sys.stderr)
-        return 128 + e.args[0]
-    except KeyboardInterrupt:
-        print("interrupted: stopped at once; every file written so far is intact", file=sys.stderr)
+    except KeyboardInterrupt:                       # Ctrl-C: every file is whole (atomic writes)
+        print(f"interrupted: {Output.resumes or 'every file written so far is intact'}", file=sys.stderr)
         return 130
     except LmdiscError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError, MemoryError) as e:           # a full disk, out of memory, a CUDA error...
+    except KeyError as e:                           # a checkpoint made by hand, or edited, that lacks an entry
+        print(f"error: a checkpoint lacks the entry {e}: delete it and run the step that makes it", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, MemoryError) as e:           # out of memory, a CUDA error...
         print(f"error: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return 1
-    finally:
-        for s, handler in previous.items():         # as before main, for callers
-            signal.signal(s, handler)
-        Output.asked = None
     return 0
 
-if __name__ == "__main__":                          # main restores these when it ends: a signal that arrives while
-    for s in (signal.SIGINT, signal.SIGTERM):       # Python shuts down (torch's exit handlers run then) is ignored,
-        signal.signal(s, signal.SIG_IGN)            # not a KeyboardInterrupt traceback after "interrupted: ..."
-    sys.exit(main())
+if __name__ == "__main__":
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C while Python shuts down: no traceback after the line
+    sys.exit(status)
