@@ -330,7 +330,7 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
         per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1))))
     total = cfg.epochs * per_epoch                  # steps in the whole phase
     st = out.resume(model, optimizer) or State()
-    if validate_first and st.step == 0:             # phase 3 scores q0 itself: a fine-tune that never helps hands it back
+    if validate_first and st.step == 0:             # phase 3 scores q0 itself: a fine-tune that never helps gives q0
         validate_and_keep(phase, model, optimizer, validate, st, cfg, out)
     line = dict(steps=0, tokens=0, seconds=0.0, sums={})     # what the next progress line averages
     while st.step < total and not st.stop:
@@ -343,8 +343,7 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
         loss, shown = batch_loss(x, y, st.hidden)   # the phase's objective on this batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()                             # gradients of the phase's loss
-        if cfg.clip:                                # one exploding LSTM gradient must not throw the weights away
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)  # one exploding gradient must not wreck the weights
         optimizer.step()                            # SGD (phase 1) or Adam (2, 3)
         shown = {k: float(v.detach()) for k, v in shown.items()}        # float() waits for a GPU to finish
         st.step, seconds = st.step + 1, time.time() - t0
@@ -368,14 +367,12 @@ def progress(phase, st: State, shown: dict, tokens, seconds, line: dict, optimiz
     n, sec = line["steps"], line["seconds"]
     if n < cfg.log_interval and st.step % per_epoch and st.step < total:   # not yet time for a line
         return False
-    losses = []
-    for k, v in line["sums"].items():
-        losses.append(f"{k} {v / n:.4f}")
-        if k == "ce":                               # CE in nats, and as a perplexity
-            losses.append(f"ppl {perplexity(v / n):8.2f}")
+    losses = [f"{k} {v / n:.4f}" + (f" | ppl {perplexity(v / n):8.2f}" if k == "ce" else "")   # CE: also as a
+              for k, v in line["sums"].items()]                                                 # perplexity
     print(f"{phase} | epoch {(st.step - 1) // per_epoch + 1:>3} | step {st.step:>6}/{total} | lr "
-          f"{optimizer.param_groups[0]['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | {line['tokens'] / max(sec, 1e-9):8.0f}"
-          f" tok/s | {' | '.join(losses)} | {(total - st.step) * sec / n / 60:.1f} min left", flush=True)
+          f"{optimizer.param_groups[0]['lr']:.3g} | {1000 * sec / n:6.1f} ms/batch | "
+          f"{line['tokens'] / max(sec, 1e-9):8.0f} tok/s | {' | '.join(losses)} | "
+          f"{(total - st.step) * sec / n / 60:.1f} min left", flush=True)
     line.update(steps=0, tokens=0, seconds=0.0, sums={})
     return True
 
@@ -424,6 +421,11 @@ def eval_data(tokens: torch.Tensor, device, limit: int = 0) -> torch.Tensor:
     """A split (or its first `limit` tokens) in 10 columns, as pytorch/examples evaluates, so numbers compare."""
     return batchify(tokens[:limit] if limit else tokens, 10).to(device)
 
+def splits(corpus: Corpus, cfg: Schedule, device):
+    """The training text in batch_size columns (section 1); valid and test (or their first eval_tokens) in 10."""
+    valid, test = (eval_data(t, device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
+    return batchify(corpus.train, cfg.batch_size).to(device), valid, test
+
 def lm_validate(model: LSTMLM, valid: torch.Tensor):
     """Phases 1 and 3 validate on CE. Worse than a uniform guess over the V words: the run diverged (inf)."""
     ce = lm_cross_entropy(model, valid)             # in eval mode (stream)
@@ -450,8 +452,7 @@ def cmd_train(args) -> None:
     model = LSTMLM(len(corpus.vocab), **preset["lm"]).to(args.device)  # random weights, drawn from the seed
     # plain SGD at lr 20 with the gradient's norm clipped to 0.25: the classic recipe for LSTM LMs on PTB
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
-    valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
+    train_data, valid, test = splits(corpus, cfg, args.device)
     def batch_loss(x, y, hidden):
         model.train()                               # dropout on
         logits, hidden["lm"] = model(x, detach(hidden["lm"]))          # (35, 20, V)
@@ -525,8 +526,7 @@ def cmd_train_disc(args) -> None:
     torch.manual_seed(args.seed)
     q0 = load_lm(lm_ck, corpus, args.device)       # frozen: phase 2 only reads its predictions
     disc = DISCRIMINATORS[v["arch"]](len(corpus.vocab), preset["disc"]).to(args.device)  # at s = 0, chance
-    train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
-    valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
+    train_data, valid, test = splits(corpus, cfg, args.device)
     def batch_loss(x, y, hidden):
         with torch.no_grad():                       # q0 is frozen: no graph
             logits, hidden["q0"] = q0(x, hidden["q0"])
@@ -536,21 +536,18 @@ def cmd_train_disc(args) -> None:
         l_d = discriminator_loss(s, y, log_q0)      # the real next words y against q0
         return l_d, {"L_D": l_d}
     def validate():                                 # the loss it minimises, on text it did not learn from
-        m = disc_metrics(q0, disc, valid, corpus)
-        if m["L_D"] > 2 * CHANCE_L_D:               # far worse than s = 0: diverged, as a CE worse than uniform
-            return math.inf, m, f"L_D {m['L_D']:.5g} is far above chance ({CHANCE_L_D:.5f})"
-        return m["L_D"], m, disc_line(m)
-    print(f"train-disc | {v['arch']} discriminator, {sum(w.numel() for w in disc.parameters()):,} parameters | "
-          f"learns on at most {cfg.max_tokens or corpus.train.numel():,} tokens of train per epoch | seed {args.seed}")
+        m = disc_metrics(q0, disc, valid, corpus)   # far above chance (far worse than s = 0): diverged
+        return (m["L_D"] if m["L_D"] < 2 * CHANCE_L_D else math.inf), m, disc_line(m)
+    print(f"train-disc | {v['arch']} | learns on {cfg.max_tokens or corpus.train.numel():,} tokens per epoch | seed "
+          f"{args.seed}")
     st = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
              lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
     result = {"valid": next(h for h in st.history if h["step"] == st.best_step),
-              "test": disc_metrics(q0, disc, test, corpus), "kept_step": st.best_step, "history": st.history}
-    print(f"train-disc | valid | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}")
-    # the checkpoint names its LM by that LM's fingerprint: phase 3 refuses any other q0
+              "test": disc_metrics(q0, disc, test, corpus), "history": st.history}
     out.save({"kind": "disc", "arch": v["arch"], "size": preset["disc"], "model": disc.state_dict(),
-              "lm": lm_ck["fingerprint"], "result": result})
-    print(f"train-disc | done: {out.path}")
+              "lm": lm_ck["fingerprint"], "result": result})       # its LM, by fingerprint: phase 3 refuses another
+    print(f"train-disc | valid | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}\n"
+          f"train-disc | done: {out.path}")
 
 def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
     """Rebuild a discriminator, refused unless it learned against exactly this q0: s estimates log p - log q0 for
@@ -588,7 +585,8 @@ def no_dropout(model: LSTMLM):
 def cmd_finetune(args) -> None:
     """Phase 3 and its control into RUN/finetune/, or RUN/finetune-SETTINGS/ for settings other than the preset's."""
     preset, lm_ck = PRESETS[args.preset], load_checkpoint(args.run / "lm.pt", "lm", make=("train", args))
-    disc_ck = load_checkpoint(args.disc or args.run / "disc.pt", "disc", make=None if args.disc else ("train-disc", args))
+    disc_ck = load_checkpoint(args.disc or args.run / "disc.pt", "disc", make=None if args.disc else ("train-disc",
+                                                                                                       args))
     corpus = prepare_corpus(lm_ck["data"], of=lm_ck)            # refused if the text changed since phase 1
     if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's discriminator: the output folder
         args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})  # names its sha
@@ -605,20 +603,18 @@ def cmd_finetune(args) -> None:
         return
     q0 = load_lm(lm_ck, corpus, args.device)
     disc = load_disc(disc_ck, lm_ck, corpus, args.device)      # refused unless it learned against this q0
-    train_data = batchify(corpus.train, cfg.batch_size).to(args.device)
-    valid, test = (eval_data(t, args.device, cfg.eval_tokens) for t in (corpus.valid, corpus.test))
+    train_data, valid, test = splits(corpus, cfg, args.device)
     arms = {arm: finetune_arm(arm, Output(folder / f"{arm}.pt", "lm", key | {"arm": arm}), lm_ck, corpus, q0, disc,
                               train_data, valid, test, cfg, v["kl_weight"], args) for arm in ("ce", "kl")}
     # the table, only here, after both arms finished: an interrupted arm stops the command before this
     where = f" (first {cfg.eval_tokens:,} tokens)" if cfg.eval_tokens else ""
-    lines = ["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|",
-             f"| base q0 (phase 1) | {arms['ce']['base_valid_ppl']:.2f} | {perplexity(lm_cross_entropy(q0, test)):.2f} | |"]
+    rows = [("base q0 (phase 1)", arms["ce"]["base_valid_ppl"], perplexity(lm_cross_entropy(q0, test)), "")]
     for arm, model in (("ce", "CE-only control"), ("kl", f"CE + {v['kl_weight']:g} KL(q || p_hat) (phase 3)")):
-        lines.append(f"| {model} | {arms[arm]['valid_ppl']:.2f} | {arms[arm]['test_ppl']:.2f} | "
-                     f"{arms[arm]['ms_per_batch']} |")
-    cost = arms["kl"]["ms_per_batch"] / arms["ce"]["ms_per_batch"]
-    table = "\n".join(lines + ["-" * 110, f"finetune | a CE + KL step costs {cost:.2f}x a CE-only step (training "
-                                          f"steps only)"])
+        rows.append((model, arms[arm]["valid_ppl"], arms[arm]["test_ppl"], arms[arm]["ms_per_batch"]))
+    table = "\n".join(["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
+                      + [f"| {m} | {va:.2f} | {te:.2f} | {ms} |" for m, va, te, ms in rows] + ["-" * 110,
+                      f"finetune | a CE + KL step costs {rows[2][3] / rows[1][3]:.2f}x a CE-only step (training steps "
+                      f"only)"])
     print(table)
     out.save({"kind": "finetune", "result": {"arms": arms, "table": table, "eval_tokens": cfg.eval_tokens, "disc":
               os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}})  # found again in a moved copy
@@ -650,11 +646,9 @@ def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, t
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, kl_weight)
         return loss, {"ce": ce, "kl": kl}
-    def new_hidden(b):                              # each pass carries its own state down the columns
-        if control:
-            return {"q": q.init_hidden(b)}
-        return {"q": q.init_hidden(b), "q_kl": q.init_hidden(b), "q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}
-    st = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss, new_hidden,
+    passes = {"q": q} if control else {"q": q, "q_kl": q, "q0": q0, "disc": disc}    # each carries its own state
+    st = fit(f"finetune[{arm}]", q, torch.optim.Adam(q.parameters(), lr=cfg.lr), batch_loss,
+             lambda b: {name: model.init_hidden(b) for name, model in passes.items()},
              lambda: finetune_validate(q, q0, disc, valid), text, cfg, out, validate_first=True)
     result = {"valid_ppl": perplexity(st.best), "base_valid_ppl": st.history[0]["valid_ppl"],
               "test_ppl": perplexity(lm_cross_entropy(q, test)),             # once, on the weights it kept
@@ -1015,7 +1009,8 @@ def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
     need(of is None or of["data_sha256"] == fingerprint, f"{folder} has changed since {of and of['path']} learned on "
          f"it (its sha256 differs): restore the files, or train again from phase 1 in another --run")
     corpus = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)  # section 1
-    print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if ptb else ''} | vocabulary {len(corpus.vocab):,} | train "
+    print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if ptb else ''} | vocabulary {len(corpus.vocab):,} | "
+          f"train "
           f"{corpus.train.numel():,} | valid {corpus.valid.numel():,} | test {corpus.test.numel():,} tokens")
     return corpus
 
@@ -1126,7 +1121,7 @@ class Output:
         folder is known to be writable (one line now, not after an epoch)."""
         own_json = self.path.with_suffix(".json")
         need(self.path.exists() or not own_json.exists(), f"{own_json} exists and lmdisc did not write it (no "
-                                                          f"{self.path.name} beside it): move it, or choose another --run")
+             f"{self.path.name} beside it): move it, or choose another --run")
         if not self.path.exists():
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -1251,7 +1246,8 @@ def build_parser() -> argparse.ArgumentParser:
         command_parser.set_defaults(handler=handler)                    # main calls it
         for flag, spec in flags.items():
             if "range" in spec:                     # a number checked against its bounds
-                spec = {k: v for k, v in spec.items() if k != "range"} | {"type": in_range(spec["type"], *spec["range"])}
+                bounds = spec["range"]
+                spec = {k: v for k, v in spec.items() if k != "range"} | {"type": in_range(spec["type"], *bounds)}
             command_parser.add_argument(flag, **spec)
     return parser
 
