@@ -305,13 +305,15 @@ def finetune_loss(log_q: torch.Tensor, target: torch.Tensor, log_q_kl: torch.Ten
 # and its validate(), and the loop does what pytorch/examples' main.py does: batches, backward, clip, step, a progress
 # line now and then; validate at each epoch's end (and every eval_every steps), keep the weights of the best
 # validation (early stopping in its simplest form), divide the lr by 4 when a validation brings no gain. The lr
-# lives in one place, the optimizer. `out` (section 16) is the phase's output file: out.resume() hands back the state
-# of an interrupted run, out.keep() writes a resume point at every progress line. Ctrl-C or a kill simply stops the
-# process; the same command continues from the last resume point and ends with the same numbers.
+# lives in one place, the optimizer. `out` (section 16) is the phase's output file: out.keep() writes a resume point
+# right after each progress line (the State below, the weights, the optimizer with its lr, the RNG that draws the
+# dropout masks), out.resume() reads it back. Ctrl-C or a kill simply stops the process; since a batch is a function
+# of the step alone, the same command continues from the last resume point to the same numbers (on the CPU).
 
 @dataclass
 class State:
-    """The loop's state: with the weights, the optimizer and the RNG, all an exact continuation needs."""
+    """The loop's state: with the weights, the optimizer and the RNG state (Output.keep saves all four), what an
+    exact continuation needs. The sums of the next progress line are not in it: a resume point follows a line."""
     step: int = 0                   # steps done
     best: float = math.inf          # the best validation score so far (CE or L_D: lower is better)
     best_step: int = 0
@@ -330,7 +332,7 @@ def fit(phase: str, model, optimizer, batch_loss, new_hidden, validate, data, cf
         per_epoch = min(per_epoch, max(1, cfg.max_tokens // (cfg.bptt * data.size(1))))
     total = cfg.epochs * per_epoch                  # steps in the whole phase
     st = out.resume(model, optimizer) or State()
-    if validate_first and st.step == 0:             # phase 3 scores q0 itself: a fine-tune that never helps gives q0
+    if validate_first and st.step == 0:             # phase 3 scores q0 first: its weights are the best until beaten
         validate_and_keep(phase, model, optimizer, validate, st, cfg, out)
     line = dict(steps=0, tokens=0, seconds=0.0, sums={})     # what the next progress line averages
     while st.step < total and not st.stop:
@@ -383,13 +385,13 @@ def validate_and_keep(phase: str, model, optimizer, validate, st: State, cfg: Sc
     if not math.isfinite(score):
         out.diverged(f"{phase}: {line} at step {st.step}")
     st.history.append({"step": st.step, "lr": optimizer.param_groups[0]["lr"], **metrics})
-    if score < st.best:                             # lower CE or L_D is better
+    if score < st.best:                             # lower CE or L_D is better (the first validation always is)
         st.best, st.best_step, st.bad, verdict = score, st.step, 0, "best so far"
-        st.best_weights = copy.deepcopy(model.state_dict())   # a copy (the next step changes the live tensors);
-    else:                                                     # deepcopy keeps the tied matrix one tensor
+        # a copy: the next step changes the live tensors (deepcopy keeps the tied matrix one tensor)
+        st.best_weights = copy.deepcopy(model.state_dict())
+    else:
         st.bad += 1
-        if st.step > 0:
-            optimizer.param_groups[0]["lr"] /= 4
+        optimizer.param_groups[0]["lr"] /= 4
         st.stop = cfg.patience > 0 and st.bad >= cfg.patience
         verdict = "no gain, stopping early" if st.stop else "no gain"
     print(f"{'-' * 110}\n{phase} | validation at step {st.step:>6} | {line} | {verdict}\n{'-' * 110}", flush=True)
@@ -535,11 +537,10 @@ def cmd_train_disc(args) -> None:
         s, hidden["disc"] = disc(x, detach(hidden["disc"]))           # (35, 20, V)
         l_d = discriminator_loss(s, y, log_q0)      # the real next words y against q0
         return l_d, {"L_D": l_d}
-    def validate():                                 # the loss it minimises, on text it did not learn from
-        m = disc_metrics(q0, disc, valid, corpus)   # far above chance (far worse than s = 0): diverged
+    def validate():                                 # L_D on text it did not learn from; far above chance: diverged
+        m = disc_metrics(q0, disc, valid, corpus)
         return (m["L_D"] if m["L_D"] < 2 * CHANCE_L_D else math.inf), m, disc_line(m)
-    print(f"train-disc | {v['arch']} | learns on {cfg.max_tokens or corpus.train.numel():,} tokens per epoch | seed "
-          f"{args.seed}")
+    print(f"train-disc | {v['arch']} | {cfg.max_tokens or corpus.train.numel():,} tokens per epoch | seed {args.seed}")
     st = fit("train-disc", disc, torch.optim.Adam(disc.parameters(), lr=cfg.lr), batch_loss,
              lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
     result = {"valid": next(h for h in st.history if h["step"] == st.best_step),
@@ -568,7 +569,8 @@ def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
 # The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
 # runs with dropout: its q is noisier and flatter than q0, and KL read on it exceeds KL(q0 || p_hat) before q has
 # moved at all. So the KL term reads a second, dropout-free pass of the same weights (no_dropout; logs/README.md
-# compares both).
+# compares both), with a state of its own carried down the columns as the dropout-free model carries it: the CE
+# pass's state was made with dropout, and a KL started from it would read another context than q0 and s read.
 
 @contextlib.contextmanager
 def no_dropout(model: LSTMLM):
@@ -588,8 +590,8 @@ def cmd_finetune(args) -> None:
     disc_ck = load_checkpoint(args.disc or args.run / "disc.pt", "disc", make=None if args.disc else ("train-disc",
                                                                                                        args))
     corpus = prepare_corpus(lm_ck["data"], of=lm_ck)            # refused if the text changed since phase 1
-    if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's discriminator: the output folder
-        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})  # names its sha
+    if disc_ck["path"].resolve().parent != args.run.resolve():  # another folder's: name the output by its sha256
+        args = argparse.Namespace(**vars(args) | {"disc": Path(f"disc-{disc_ck['fingerprint'][:8]}")})
     # each setting: its flag's value, or the preset's (--lr 1e-4 is tiny's); the folder: "finetune" or a variant
     v, name = Output.named("finetune", args, lm_ck, lr=preset["finetune"].lr, kl_weight=preset["kl_weight"],
                            disc=args.run / "disc.pt")
@@ -597,8 +599,7 @@ def cmd_finetune(args) -> None:
     key = dict(dataclasses.asdict(cfg), kl_weight=v["kl_weight"], lm=lm_ck["fingerprint"],
                disc=disc_ck["fingerprint"], seed=args.seed)
     out = Output(folder / "finetune.pt", "finetune", key)
-    done = out.done()
-    if done:
+    if done := out.done():
         print(done["result"]["table"])              # `finetune --lr 1e-4` after `pipeline`: the stored table
         return
     q0 = load_lm(lm_ck, corpus, args.device)
@@ -613,8 +614,8 @@ def cmd_finetune(args) -> None:
         rows.append((model, arms[arm]["valid_ppl"], arms[arm]["test_ppl"], arms[arm]["ms_per_batch"]))
     table = "\n".join(["-" * 110, f"| model | valid ppl{where} | test ppl{where} | ms/batch |", "|---|---:|---:|---:|"]
                       + [f"| {m} | {va:.2f} | {te:.2f} | {ms} |" for m, va, te, ms in rows] + ["-" * 110,
-                      f"finetune | a CE + KL step costs {rows[2][3] / rows[1][3]:.2f}x a CE-only step (training steps "
-                      f"only)"])
+                      f"finetune | a CE + KL step costs {arms['kl']['ms_per_batch'] / arms['ce']['ms_per_batch']:.2f}x "
+                      f"a CE-only step (training steps only)"])
     print(table)
     out.save({"kind": "finetune", "result": {"arms": arms, "table": table, "eval_tokens": cfg.eval_tokens, "disc":
               os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}})  # found again in a moved copy
@@ -637,12 +638,12 @@ def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, t
         if control:                                 # CE alone: the same loss as phase 1's
             ce = F.nll_loss(log_q.flatten(0, -2), y.flatten())  # mean over (35 x 20)
             return ce, {"ce": ce}
-        with torch.no_grad():                       # frozen q0 and s: no graph, no dropout (`logits` is reused:
-            logits, hidden["q0"] = q0(x, hidden["q0"])              # a (35, 20, V) tensor no longer needed is freed)
+        with torch.no_grad():                       # frozen q0 and s: no graph, no dropout
+            logits, hidden["q0"] = q0(x, hidden["q0"])  # (`logits` reused: log_q keeps what its backward needs)
             log_q0 = torch.log_softmax(logits, -1)
             s, hidden["disc"] = disc(x, hidden["disc"])  # s: (35, 20, V)
-        with no_dropout(q):                         # the pass the KL term reads: the same weights, no dropout, and
-            logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))  # a state of its own, carried down the columns
+        with no_dropout(q):                         # the pass the KL term reads (the dropout trap, above)
+            logits, hidden["q_kl"] = q(x, detach(hidden["q_kl"]))
         # loss = CE + kl_weight * KL(q || p_hat), with p_hat = q0 exp(s) / Z fixed (section 4)
         loss, ce, kl = finetune_loss(log_q, y, torch.log_softmax(logits, -1), log_q0, s, kl_weight)
         return loss, {"ce": ce, "kl": kl}
@@ -658,10 +659,9 @@ def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, t
 def finetune_validate(q: LSTMLM, q0: LSTMLM, disc, valid: torch.Tensor):
     """Phase 3 keeps the best validation CE; beside it, only to watch, mean KL(q || p_hat) there (both arms)."""
     score, metrics, line = lm_validate(q, valid)    # the score it keeps the best of
-    kl = 0.0                                        # a mean over the positions, summed in float64 on the CPU
+    kl, positions = 0.0, valid[1:].numel()          # a mean over the positions, summed in float64 on the CPU
     for _, _, (logits, logits0, s) in stream([q, q0, disc], valid):            # (MPS has no float64)
-        kl += float(reverse_kl(logits.log_softmax(-1), logits0.log_softmax(-1), s).cpu().double().sum()) / valid[
-            1:].numel()
+        kl += float(reverse_kl(logits.log_softmax(-1), logits0.log_softmax(-1), s).cpu().double().sum()) / positions
     return score, metrics | {"valid_kl": kl}, f"{line} | KL(q||p_hat) {kl:.4f}"
 
 
@@ -1192,7 +1192,8 @@ DEVICE = dict(type=pick_device, default="auto", help="auto (the default): CUDA, 
               "cuda, mps, cpu")
 PHASE = {                                           # the flags every phase (and pipeline) has
     "--preset": dict(choices=list(PRESETS), default="tiny", help="tiny: a first look on slices of the text; small: "
-                     "2x200, for a CPU (phase 1: half an hour on 2 cores); medium: 2x650, for a GPU (default: tiny)"),
+                     "2x200, for a CPU (phase 1: half an hour on 2 cores); small-reg: small with dropout 0.5; "
+                     "medium: 2x650, for a GPU (default: tiny)"),
     "--run": dict(type=Path, help="the folder the phases of a run share (default: runs/PRESET)"),
     "--seed": dict(type=int, range=(0, 2 ** 32 - 1), default=1111, help="seed of weights and dropout; the same seed "
                    "gives the same numbers on the same thread count (default: 1111)"), "--device": DEVICE}
