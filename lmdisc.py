@@ -886,7 +886,8 @@ def cmd_analyze(args) -> None:
     need(key["lm"] == lm_ck["fingerprint"], f"{folder} is a fine-tune of another LM than {run / 'lm.pt'}")
     corpus, device = prepare_corpus(lm_ck["data"], of=lm_ck), args.device
     q0 = load_lm(lm_ck, corpus, device)             # frozen, as in phase 3
-    disc = load_disc(load_checkpoint(folder / ft["disc"], "disc", fingerprint=key["disc"]), lm_ck, corpus, device)
+    disc_ck = load_checkpoint((folder / ft["disc"]).resolve(), "disc", fingerprint=key["disc"])  # relative to it
+    disc = load_disc(disc_ck, lm_ck, corpus, device)
     models = {"base": q0, "rescored": Rescored(q0, disc)}
     for name, arm in (("control", "ce"), ("kl", "kl")):     # each arm as the fine-tune wrote it
         arm_ck = load_checkpoint(folder / f"{arm}.pt", fingerprint=ft["arms"][arm]["checkpoint"])
