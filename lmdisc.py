@@ -13,13 +13,14 @@ reverse KL is computed against p_hat = q0 exp(s) / Z. Three phases, one subcomma
     python lmdisc.py pipeline              # all three, then the baselines and rare words (about a minute, 2 cores)
 
 The paper's claims, from its two abstracts: v1 (November 2018), the discriminator finds words whose probabilities
-the LM overestimates and lowers them, above 0.5 perplexity gained on PTB (AWD-LSTM-MoS); v2 (January 2019), PTB
-52.4 -> 52.1 (AWD-LSTM-DOC), rare words gaining probability. Its method section could not be retrieved.
+the LM overestimates and lowers them, PTB perplexity down by more than 0.5 to below 54.0; v2 (January 2019), PTB
+52.4 -> 52.1, rare words gaining probability, the lr the only setting to tune. Neither names its LM, and its method
+section could not be retrieved.
 
 The file's first part (settings, then sections 1-8) is the method, top to bottom: what the paper specifies, and the
 loss forms this project derived where the method section is missing (section 4 says which). The second (9-13) is
-what this project added to test it; the third (14-17), plumbing a reader may skip. Left out: the paper's
-AWD-LSTM-DOC (the LSTM of pytorch/examples stands in), and research variants whose answers logs/README.md records
+what this project added to test it; the third (14-17), plumbing a reader may skip. Left out: the paper's LM (one
+near 52 on PTB; the LSTM of pytorch/examples stands in), and research variants whose answers logs/README.md records
 with their commit.
 """
 
