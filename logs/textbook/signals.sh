@@ -1,4 +1,6 @@
 #!/bin/bash
+# Ctrl-C / SIGTERM / SIGKILL during each phase of `pipeline`, then the same command (run as /tmp/hand/signals.sh; dfl is
+# its launcher, which gives the background job a default SIGINT as a terminal would).
 # Ctrl-C during phase 1, SIGTERM during phase 2, SIGKILL during phase 3 of `pipeline` (tiny, PTB), each followed by the
 # same command; the final table against the uninterrupted one. Fresh clone, one thread.
 set -um   # job control: a background job keeps Ctrl-C (bash ignores SIGINT in background jobs otherwise)
