@@ -856,14 +856,16 @@ def against_baselines(models: dict, ft: dict, valid, test, corpus) -> tuple:
     models = dict(models, tempered=Tempered(models["control"], beta))
     targets, logps = test_log_probs(list(models.values()), test)  # one pass, all five models
     ppl = {name: perplexity(float(-lp.double().mean())) for name, lp in zip(models, logps)}  # test perplexities
-    valid_ppl = {"control": ft["arms"]["ce"]["valid_ppl"]} | {n: perplexity(lm_cross_entropy(models[n], valid))
-                                                               for n in ("rescored", "tempered")}
+    valid_ppl = {n: perplexity(lm_cross_entropy(models[n], valid)) for n in ("rescored", "tempered")}
+    valid_ppl |= {"control": ft["arms"]["ce"]["valid_ppl"]}   # the fine-tunes' own numbers
     best = min(valid_ppl, key=valid_ppl.get)        # chosen on validation, as any setting is; test only reports
+    valid_ppl |= {"base": ft["arms"]["ce"]["base_valid_ppl"], "kl": ft["arms"]["kl"]["valid_ppl"]}
     boot = paired_bootstrap(-logps[list(models).index("kl")], -logps[list(models).index(best)],
                             sentence_of_targets(test, corpus.vocab.index(EOS)))
-    names = {"rescored": "rescored p_hat = q0 exp(s) / Z (phase 2, no fine-tune)", "tempered": f"CE-only control, "
-             f"temperature {1 / beta:.3f} fitted on validation", "control": "CE-only control"}
-    rows = [f"| {names[n]} | {valid_ppl[n]:.2f} | {ppl[n]:.2f} |" for n in ("rescored", "tempered")]
+    names = {"base": "base q0 (phase 1)", "control": "CE-only control", "tempered": f"CE-only control, temperature "
+             f"{1 / beta:.3f} fitted on validation", "rescored": "rescored p_hat = q0 exp(s) / Z (phase 2, no "
+             f"fine-tune)", "kl": "CE + KL(q || p_hat) (phase 3)"}
+    rows = [f"| {names[n]} | {valid_ppl[n]:.2f} | {ppl[n]:.2f} |" for n in names]   # every model in one table
     return targets, logps[:-1], rows + [f"baselines | CE + KL on test against the baseline best on validation "
         f"({names[best]}, test ppl {ppl[best]:.2f}): {100 * boot['change']:+.2f}% perplexity (+: CE + KL is worse), "
         f"95% interval {100 * boot['low']:+.2f}% .. {100 * boot['high']:+.2f}% (paired bootstrap over "
@@ -895,8 +897,9 @@ def cmd_analyze(args) -> None:
         models[name] = load_lm(arm_ck, corpus, device)
     valid, test = (eval_data(t, device, ft["eval_tokens"]) for t in (corpus.valid, corpus.test))
     targets, logps, lines = against_baselines(models, ft, valid, test, corpus)
-    print("\n".join([f"| model | valid ppl | test ppl | (beside {folder / 'finetune.json'})", "|---|---:|---:|"] +
-                    lines))
+    where = f" (first {ft['eval_tokens']:,} tokens)" if ft["eval_tokens"] else ""
+    print("\n".join([f"| model (fine-tunes at lr {key['lr']:g}, {folder.name}) | valid ppl{where} | test ppl{where} |",
+                     "|---|---:|---:|"] + lines))
     rare_words(list(models), targets, logps, corpus, folder)
 
 def rare_words(models: list, targets, logps, corpus, folder: Path) -> None:
