@@ -882,7 +882,7 @@ FREQ_EDGES = (1, 10, 100, 1_000, 10_000)
 
 def cmd_analyze(args) -> None:
     """The baselines, then the mean test log-probability per training-count bucket; FOLDER/rare_words.csv."""
-    run, folder = args.run, args.finetune or args.run / "finetune"  # the card's fine-tune by default
+    run, folder = args.run, args.finetune or args.run / "finetune"  # the preset's fine-tune by default
     lm_ck = load_checkpoint(run / "lm.pt", "lm", make=("train", args))
     ft_ck = load_checkpoint(folder / "finetune.pt", "finetune", make=("finetune", args))
     ft, key = ft_ck["result"], ft_ck["key"]         # what the fine-tune read and wrote, by fingerprint
