@@ -94,8 +94,8 @@ PRESETS = {
 # medium: Zaremba et al.'s 2x650 with dropout 0.5, for a GPU; phases 2 and 3 as in small
 PRESETS["medium"] = dict(PRESETS["small"], lm=dict(emsize=650, nhid=650, nlayers=2, dropout=0.5), train=Schedule(
     lr=20.0, epochs=39, log_interval=200), disc=dict(emsize=650, nhid=650, nlayers=1, dropout=0.5))
-# small-reg: small with Zaremba et al.'s medium dropout (0.5): an LM whose training-text perplexity is near its
-# validation perplexity, the regime of the paper's heavily regularised LMs (logs/README.md, "The regularised LM")
+# small-reg: small with Zaremba et al.'s medium dropout (0.5): its perplexity on the text it learned on is nearer its
+# validation perplexity, so a discriminator learning there sees less of a gap (logs/README.md, "The regularised LM")
 PRESETS["small-reg"] = dict(PRESETS["small"], lm=dict(PRESETS["small"]["lm"], dropout=0.5))
 
 # ==== 1. Data: Penn Treebank as one long stream of word ids ==========================================================
