@@ -568,8 +568,8 @@ def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
 # never helps hands back q0 itself. (Is the effect p_hat's, or only staying near q0? Section 9's s = 0 control.)
 #
 # The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
-# runs with dropout: its q is noisier and flatter than q0, and KL read on it exceeds KL(q0 || p_hat) before q has
-# moved at all. So the KL term reads a second, dropout-free pass of the same weights (no_dropout; logs/README.md
+# runs with dropout: its q is a random perturbation of q0, and since KL is convex the perturbations add to it rather
+# than average out: KL read on that pass exceeds KL(q0 || p_hat) before q has moved at all. So the KL term reads a second, dropout-free pass of the same weights (no_dropout; logs/README.md
 # compares both), with a state of its own carried down the columns as the dropout-free model carries it: the CE
 # pass's state was made with dropout, and a KL started from it would read another context than q0 and s read.
 

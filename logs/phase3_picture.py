@@ -4,7 +4,11 @@ one line style per lr; right, how far p_hat (rescoring), the control and CE + KL
 of words from q0, by how often the word occurs in the training text (analyze's rare_words.csv).
     pip install matplotlib
     python logs/phase3_picture.py OUT.png TITLE RARE_WORDS_CSV FINETUNE_FOLDER [FINETUNE_FOLDER ...]
-Each FINETUNE_FOLDER holds ce.json and kl.json (a fine-tune's arms); its lr is read from their history."""
+Each FINETUNE_FOLDER holds ce.json and kl.json (a fine-tune's arms); its lr is read from their history. The README's
+picture (the lab's runs at lr 1e-4 and 1e-2, one thread of an AMD EPYC, their files copied to logs/lab/picture/):
+    python logs/phase3_picture.py logs/phase3.png "phase 3 on tiny: python lmdisc.py pipeline, then finetune --lr 1e-2 \
+        and analyze --finetune runs/tiny/finetune-lr-0.01 (validated at steps 0 and 50)" \
+        logs/lab/picture/finetune-lr-0.01/rare_words.csv logs/lab/picture/finetune logs/lab/picture/finetune-lr-0.01"""
 import csv, json, sys
 from pathlib import Path
 
@@ -36,7 +40,8 @@ for k, (key, color, name) in enumerate((("delta_rescored", "tab:blue", "p_hat (r
 rare_ax.axhline(0, color="black", lw=0.6)
 rare_ax.set_xticks(list(x), [f"{r['bucket']}\n({int(r['tokens']):,})" for r in rows], fontsize=8)
 rare_ax.set(xlabel="times the word occurs in the training text (test tokens)",
-            ylabel="mean log-probability minus q0's", title="where p_hat and the arms move words")
+            ylabel="mean log-probability minus q0's",
+            title=f"where p_hat and the arms move words (lr {json.loads((rare.parent / 'kl.json').read_text())['history'][0]['lr']:g})")
 rare_ax.legend(fontsize=8)
 fig.suptitle(title)
 fig.tight_layout()
