@@ -466,8 +466,9 @@ def cmd_train(args) -> None:
              lambda: lm_validate(model, valid), train_data, cfg, out)
     result = {"valid_ppl": perplexity(st.best), "test_ppl": perplexity(lm_cross_entropy(model, test)),
               "steps": st.step, "best_step": st.best_step, "history": st.history}
+    result["summary"] = f"train | done: valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f}"
     out.save(lm_checkpoint(model, corpus, result))
-    print(f"train | done: valid ppl {result['valid_ppl']:.2f} | test ppl {result['test_ppl']:.2f} | {out.path}")
+    print(f"{result['summary']} | {out.path}")
 
 def lm_checkpoint(model: LSTMLM, corpus: Corpus, result: dict) -> dict:
     """A checkpoint is a small dict: constructor arguments, weights, vocabulary, data, result (Output.save adds the
@@ -546,10 +547,10 @@ def cmd_train_disc(args) -> None:
              lambda b: {"q0": q0.init_hidden(b), "disc": disc.init_hidden(b)}, validate, train_data, cfg, out)
     result = {"valid": next(h for h in st.history if h["step"] == st.best_step),
               "test": disc_metrics(q0, disc, test, corpus), "history": st.history}
+    result["summary"] = "\n".join(f"train-disc | {split} | {disc_line(result[split])}" for split in ("valid", "test"))
     out.save({"kind": "disc", "arch": v["arch"], "size": preset["disc"], "model": disc.state_dict(),
               "lm": lm_ck["fingerprint"], "result": result})       # its LM, by fingerprint: phase 3 refuses another
-    print(f"train-disc | valid | {disc_line(result['valid'])}\ntrain-disc | test | {disc_line(result['test'])}\n"
-          f"train-disc | done: {out.path}")
+    print(f"{result['summary']}\ntrain-disc | done: {out.path}")
 
 def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
     """Rebuild a discriminator, refused unless it learned against exactly this q0: s estimates log p - log q0 for
@@ -569,9 +570,10 @@ def load_disc(ck: dict, lm_ck: dict, corpus: Corpus, device):
 #
 # The dropout trap. s was fitted against the dropout-free q0, so p_hat corrects the dropout-free model. The CE pass
 # runs with dropout: its q is a random perturbation of q0, and since KL is convex the perturbations add to it rather
-# than average out: KL read on that pass exceeds KL(q0 || p_hat) before q has moved at all. So the KL term reads a second, dropout-free pass of the same weights (no_dropout; logs/README.md
-# compares both), with a state of its own carried down the columns as the dropout-free model carries it: the CE
-# pass's state was made with dropout, and a KL started from it would read another context than q0 and s read.
+# than average out: KL read on that pass exceeds KL(q0 || p_hat) before q has moved at all. So the KL term reads a
+# second, dropout-free pass of the same weights (no_dropout; logs/README.md compares both), with a state of its own
+# carried down the columns as the dropout-free model carries it: the CE pass's state was made with dropout, and a KL
+# started from it would read another context than q0 and s read.
 
 @contextlib.contextmanager
 def no_dropout(model: LSTMLM):
@@ -600,8 +602,7 @@ def cmd_finetune(args) -> None:
     key = dict(dataclasses.asdict(cfg), kl_weight=v["kl_weight"], lm=lm_ck["fingerprint"],
                disc=disc_ck["fingerprint"], seed=args.seed)
     out = Output(folder / "finetune.pt", "finetune", key)
-    if done := out.done():
-        print(done["result"]["table"])              # `finetune --lr 1e-4` after `pipeline`: the stored table
+    if out.done():                                  # `finetune --lr 1e-4` after `pipeline`: its stored table
         return
     q0 = load_lm(lm_ck, corpus, args.device)
     disc = load_disc(disc_ck, lm_ck, corpus, args.device)      # refused unless it learned against this q0
@@ -618,7 +619,7 @@ def cmd_finetune(args) -> None:
                       f"finetune | a CE + KL step costs {arms['kl']['ms_per_batch'] / arms['ce']['ms_per_batch']:.2f}x "
                       f"a CE-only step (training steps only)"])
     print(table)
-    out.save({"kind": "finetune", "result": {"arms": arms, "table": table, "eval_tokens": cfg.eval_tokens, "disc":
+    out.save({"kind": "finetune", "result": {"arms": arms, "summary": table, "eval_tokens": cfg.eval_tokens, "disc":
               os.path.relpath(disc_ck["path"].resolve(), folder.resolve())}})  # found again in a moved copy
 
 def finetune_arm(arm: str, out, lm_ck: dict, corpus: Corpus, q0: LSTMLM, disc, text, valid, test, cfg: Schedule,
@@ -1140,6 +1141,8 @@ class Output:
         need(not diff, f"{self.path} was made with other settings ({'; '.join(diff)[:300]}); choose another --run, "
                        f"or delete it to make it again")
         print(f"{self.path} is up to date (same settings, seed, data and inputs)")
+        if "summary" in ck["result"]:               # a finished step prints its stored result
+            print(ck["result"]["summary"])
         return ck
 
     def resume(self, model, optimizer) -> State | None:

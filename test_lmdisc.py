@@ -378,7 +378,7 @@ def test_the_kl_pass_is_the_eval_mode_model_computed_in_training_mode():
     assert q.training and q.drop.p == 0.5 and q.rnn.dropout == 0.5
 
 def test_finetune_prints_three_models_and_analyze_the_baselines_and_rare_words(run, capsys):
-    table = json.loads((run / "finetune" / "finetune.json").read_text())["table"]
+    table = json.loads((run / "finetune" / "finetune.json").read_text())["summary"]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "ppl" not in line]
     assert [r.split(" | ")[0][2:9] for r in rows] == ["base q0", "CE-only", "CE + 1 "]
     assert run_cli("analyze", "--run", run) == 0
@@ -503,7 +503,8 @@ def test_the_s0_control_is_p_hat_equal_to_q0(run, capsys):
 def test_a_finished_step_is_up_to_date_and_other_settings_get_their_own_files(run, capsys):
     before = (run / "disc.pt").stat().st_mtime_ns
     assert run_cli("train-disc", "--run", run) == 0
-    assert "is up to date" in capsys.readouterr().out and (run / "disc.pt").stat().st_mtime_ns == before
+    out = capsys.readouterr().out                               # a finished step prints its stored result
+    assert "is up to date" in out and "train-disc | valid | L_D" in out and (run / "disc.pt").stat().st_mtime_ns == before
     assert run_cli("finetune", "--run", run, "--lr", "1e-4") == 0            # the card's command: its stored table
     out = capsys.readouterr().out
     assert "finetune.pt is up to date" in out and "| CE + 1 KL" in out
