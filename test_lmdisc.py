@@ -504,7 +504,8 @@ def test_a_finished_step_is_up_to_date_and_other_settings_get_their_own_files(ru
     before = (run / "disc.pt").stat().st_mtime_ns
     assert run_cli("train-disc", "--run", run) == 0
     out = capsys.readouterr().out                               # a finished step prints its stored result
-    assert "is up to date" in out and "train-disc | valid | L_D" in out and (run / "disc.pt").stat().st_mtime_ns == before
+    assert "is up to date" in out and "train-disc | valid | L_D" in out
+    assert (run / "disc.pt").stat().st_mtime_ns == before
     assert run_cli("finetune", "--run", run, "--lr", "1e-4") == 0            # the card's command: its stored table
     out = capsys.readouterr().out
     assert "finetune.pt is up to date" in out and "| CE + 1 KL" in out
