@@ -531,17 +531,6 @@ def test_other_lms_and_other_folders_discriminators(run, tmp_path, capsys):
     fingerprint = L.load_checkpoint(run / "disc.pt", "disc")["fingerprint"]
     assert (other / f"finetune-disc-{fingerprint[:8]}" / "finetune.pt").exists()
 
-def test_analyze_reads_only_what_the_fine_tune_recorded(run, tmp_path, capsys):
-    shutil.copytree(run.parent, tmp_path / "copy")
-    r = tmp_path / "copy" / "run"
-    assert run_cli("train-disc", "--run", r, "--seed", 5) == 0               # another discriminator of the same LM
-    shutil.copy(r / "disc.pt", r / "disc-paper.pt")
-    shutil.copy(r / "disc-seed-5.pt", r / "disc.pt")
-    assert run_cli("analyze", "--run", r) == 1 and "not the file the fine-tune recorded" in capsys.readouterr().err
-    shutil.copy(r / "disc-paper.pt", r / "disc.pt")
-    shutil.copy(r / "finetune" / "kl.pt", r / "finetune" / "ce.pt")         # an arm swapped
-    assert run_cli("analyze", "--run", r) == 1 and "ce.pt is not the file" in capsys.readouterr().err
-
 def test_a_moved_project_still_finds_its_data_and_its_discriminator(run, tmp_path, capsys):
     shutil.copytree(run.parent, tmp_path / "first")            # the run folder and the data folder beside it
     shutil.move(tmp_path / "first", tmp_path / "moved")        # where it was made exists no more
@@ -550,9 +539,20 @@ def test_a_moved_project_still_finds_its_data_and_its_discriminator(run, tmp_pat
     (moved / "finetune" / "finetune.json").write_text("{ not json")   # the program reads the checkpoint, never this
     assert run_cli("analyze", "--run", moved) == 0 and "rare words" in capsys.readouterr().out
 
-def test_data_changed_after_phase_1_is_refused_in_one_line(run, tmp_path, capsys):
+def test_changed_data_and_swapped_files_are_refused_in_one_line(run, tmp_path, capsys):
+    """`analyze` reads only the discriminator and arms the fine-tune recorded; no step reads data changed since
+    phase 1."""
     shutil.copytree(run.parent, tmp_path / "copy")
     data, r = tmp_path / "copy" / "data", tmp_path / "copy" / "run"
+    assert run_cli("train-disc", "--run", r, "--seed", 5) == 0               # another discriminator of the same LM
+    shutil.copy(r / "disc.pt", r / "disc-paper.pt")
+    shutil.copy(r / "disc-seed-5.pt", r / "disc.pt")
+    assert run_cli("analyze", "--run", r) == 1 and "not the file the fine-tune recorded" in capsys.readouterr().err
+    shutil.copy(r / "disc-paper.pt", r / "disc.pt")
+    shutil.copy(r / "finetune" / "ce.pt", r / "ce-own.pt")
+    shutil.copy(r / "finetune" / "kl.pt", r / "finetune" / "ce.pt")         # an arm swapped
+    assert run_cli("analyze", "--run", r) == 1 and "ce.pt is not the file" in capsys.readouterr().err
+    shutil.copy(r / "ce-own.pt", r / "finetune" / "ce.pt")
     (data / "ptb.train.txt").write_text((data / "ptb.train.txt").read_text() + "w1 w2\n")   # one line more
     for argv in (["train-disc", "--run", r, "--lr", 0.5], ["finetune", "--run", r], ["evaluate",
                  "--checkpoint", r / "finetune" / "kl.pt"], ["analyze", "--run", r]):
