@@ -794,7 +794,7 @@ class Tempered(nn.Module):
 
 def temperature_moments(log_q: torch.Tensor, y: torch.Tensor, beta: float):
     """Summed over positions, in float64: NLL(beta), NLL'(beta), NLL''(beta) (the equations above)."""
-    z = log_q.cpu().double()                        # float64, on the CPU (MPS has none): sums over many positions
+    z, y = log_q.cpu().double(), y.cpu()            # float64, on the CPU (MPS has none): sums over many positions
     log_qb = torch.log_softmax(beta * z, -1)        # log q_beta
     mean = (log_qb.exp() * z).sum(-1, keepdim=True)                    # E_{q_beta}[z], per position
     return (-log_qb.gather(-1, y.unsqueeze(-1)).sum(), (mean - z.gather(-1, y.unsqueeze(-1))).sum(),
@@ -1016,8 +1016,7 @@ def prepare_corpus(folder: Path, of: dict | None = None) -> Corpus:
          f"it (its sha256 differs): restore the files, or train again from phase 1 in another --run")
     corpus = dataclasses.replace(load_corpus(folder), fingerprint=fingerprint)  # section 1
     print(f"data | {folder}{' (Penn Treebank, sha256 verified)' if ptb else ''} | vocabulary {len(corpus.vocab):,} | "
-          f"train "
-          f"{corpus.train.numel():,} | valid {corpus.valid.numel():,} | test {corpus.test.numel():,} tokens")
+          f"train {corpus.train.numel():,} | valid {corpus.valid.numel():,} | test {corpus.test.numel():,} tokens")
     return corpus
 
 # ==== 15. Checkpoints: plain dicts, written atomically, loaded with weights_only=True ================================
@@ -1047,9 +1046,12 @@ def checkpoint_bytes(ck: dict) -> bytes:            # torch.save's zip archive, 
 
 def command(name: str, args) -> str:
     """The command that makes a missing step, with the flags that find this run (none for tiny's default run)."""
-    preset = getattr(args, "preset", "PRESET")      # analyze has no --preset: the run's own
+    run = Path(args.run)
+    preset = getattr(args, "preset", None)          # analyze has no --preset: a default run folder names it
+    if preset is None:
+        preset = run.name if run.name in PRESETS and run.resolve() == (DEFAULT_RUNS / run.name).resolve() else "PRESET"
     flags = "" if preset == "tiny" else f" --preset {preset}"
-    if Path(args.run).resolve() != (DEFAULT_RUNS / preset).resolve():
+    if run.resolve() != (DEFAULT_RUNS / preset).resolve():
         flags += f" --run {args.run}"
     return f"python lmdisc.py {name}{flags}"
 
@@ -1070,9 +1072,10 @@ def load_checkpoint(path, kind: str = "lm", make: tuple | None = None, fingerpri
     """Load and check it, or stop with one line that says what the file is; `make` = (subcommand, args) writes it;
     `fingerprint`, when given, is the sha256 (16 digits) the step that used it recorded."""
     path = Path(path)
-    hint = f" (`{command(*make)}`)" if make else ""
+    make = command(*make) if make else None         # the command that writes it, with this run's flags
+    hint = f" (`{make}`)" if make else ""
     need(not path.is_dir(), f"{path} is a folder: pass the checkpoint file in it")
-    need(path.is_file(), f"{path} does not exist" + (f" yet: run `{command(*make)}` first" if make else ""))
+    need(path.is_file(), f"{path} does not exist" + (f" yet: run `{make}` first" if make else ""))
     data = path.read_bytes()                        # read once: checked, loaded and named
     try:
         need(zipfile.ZipFile(io.BytesIO(data)).testzip() is None, "a member fails its CRC-32")
